@@ -12,7 +12,7 @@ Everything shared lives in common/; this file holds only what is particular to A
 import sys
 
 from common.cli import main
-from common.run import DatasetSpec
+from common.options import DatasetSpec
 
 DATASET = DatasetSpec(name="aptos", title="APTOS 2019", qwk=True)
 

@@ -56,7 +56,7 @@ DINOV2_ARCHS = {
 }
 DINOV2_PRETRAINED_TAG = "lvd142m"
 
-HUB_PROBE_TIMEOUT_S = 4.0
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -266,7 +266,29 @@ def clip_weights_hint(model_name: str, tag: str) -> tuple[str, str]:
     return repo_id, filename or "open_clip_pytorch_model.bin"
 
 
-def _build_clip(config: dict, weights: str | Path | None, random_init: bool, seed: int) -> tuple[nn.Module, Callable, str, str]:
+def _clip_weights_file(config: dict) -> str:
+    """Local path of the configured open_clip tag: the hub cache, else a download."""
+    import open_clip
+
+    model_name, tag = config["model_name"], config.get("pretrained")
+    if model_name not in open_clip.list_models():
+        raise UserError(f"model_name {model_name!r} is not an open_clip model; try ViT-B-16")
+    if not tag:
+        raise UserError("config key 'pretrained' is empty: name an open_clip tag or pass --weights PATH")
+    repo_id, filename = clip_weights_hint(model_name, tag)
+    message = (
+        f"CLIP weights {model_name}/{tag} are not in the local cache and the hub cannot be "
+        f"reached: download {filename} from {_hub_endpoint()}/{repo_id} and pass it with "
+        "--weights PATH"
+    )
+    # open_clip prefers the safetensors twin of its default file when the hub has one.
+    candidates = [filename]
+    if filename == "open_clip_pytorch_model.bin":
+        candidates.insert(0, "open_clip_model.safetensors")
+    return _download_hub_file(repo_id, candidates, message)
+
+
+def _build_clip(config: dict, weights_file: str | None, seed: int) -> tuple[nn.Module, Callable, str, str]:
     import open_clip
 
     model_name = config["model_name"]
@@ -281,34 +303,18 @@ def _build_clip(config: dict, weights: str | Path | None, random_init: bool, see
                          ("interpolation", "image_interpolation"), ("resize_mode", "image_resize_mode")):
             if src in tag_cfg:
                 preprocess_kwargs[dst] = tag_cfg[src]
-    if random_init:
+    if weights_file is None:
         pretrained = None
         torch.manual_seed(seed)
         weights_id = f"random-init-seed-{seed}"
-    elif weights is not None:
-        path = _check_weights_file(weights)
-        pretrained = str(path)
-        weights_id = _file_identity(path)
     else:
-        if not tag:
-            raise UserError("config key 'pretrained' is empty: name an open_clip tag or pass --weights PATH")
-        repo_id, filename = clip_weights_hint(model_name, tag)
-        message = (
-            f"CLIP weights {model_name}/{tag} are not in the local cache and the hub cannot be "
-            f"reached: download {filename} from {_hub_endpoint()}/{repo_id} and pass it with "
-            "--weights PATH"
-        )
-        # open_clip prefers the safetensors twin of its default file when the hub has one.
-        candidates = [filename]
-        if filename == "open_clip_pytorch_model.bin":
-            candidates.insert(0, "open_clip_model.safetensors")
-        pretrained = _download_hub_file(repo_id, candidates, message)
-        weights_id = f"{model_name}/{tag}|" + _file_identity(pretrained)
+        pretrained = str(weights_file)
+        weights_id = f"{model_name}/{tag}|" + _file_identity(weights_file)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, force_quick_gelu=quick_gelu, **preprocess_kwargs
         )
-    except RuntimeError as error:
+    except Exception as error:  # noqa: BLE001 - a bad file fails in torch.load/unpickling with many types
         if pretrained is None:
             raise
         raise UserError(
@@ -374,13 +380,15 @@ def meta_interpolate_pos_embed(
 
 
 def dinov2_weights_hint(backbone_size: str) -> tuple[str, str, str]:
-    """(hub repo id, hub file name, Meta's original checkpoint URL) for a DINOv2 size."""
-    import timm
+    """(hub repo id, hub file name, Meta's original checkpoint URL) for a DINOv2 size.
 
+    Built from the names alone (no timm import), so a missing file is reported at once.
+    """
     arch = dinov2_arch(backbone_size)
-    cfg = timm.models.get_pretrained_cfg(f"{arch}.{DINOV2_PRETRAINED_TAG}")
+    size = backbone_size.removesuffix("_reg")
+    meta_name = f"dinov2_{size}{'_reg4' if backbone_size.endswith('_reg') else ''}_pretrain.pth"
     repo_id = f"timm/{arch}.{DINOV2_PRETRAINED_TAG}"
-    return repo_id, "model.safetensors", getattr(cfg, "url", "") or ""
+    return repo_id, "model.safetensors", f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{size}/{meta_name}"
 
 
 def convert_dinov2_state_dict(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
@@ -409,20 +417,17 @@ def convert_dinov2_state_dict(state: dict[str, torch.Tensor], arch: str) -> dict
     return state
 
 
-def _build_dinov2(config: dict, weights: str | Path | None, random_init: bool, seed: int) -> tuple[nn.Module, Callable, str, str]:
+def _build_dinov2(config: dict, weights_file: str | None, seed: int) -> tuple[nn.Module, Callable, str, str]:
     import timm
 
     backbone_size = config["backbone_size"]
     arch = dinov2_arch(backbone_size)
+    path = weights_file
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=DINOV2_IMAGE_SIZE)
-    if random_init:
+    if path is None:
         weights_id = f"random-init-seed-{seed}"
     else:
-        if weights is not None:
-            path = _check_weights_file(weights)
-        else:
-            path = _resolve_dinov2_file(backbone_size)
         state = _load_state_dict(Path(path))
         try:
             state = convert_dinov2_state_dict(state, arch)
@@ -459,6 +464,16 @@ def _resolve_dinov2_file(backbone_size: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_weights(family: str, config: dict, weights: str | Path | None) -> str:
+    """Local path of the weights a real run uses: ``--weights``, else the library cache, else a
+    download; a :class:`UserError` saying what to fetch when none works.  Cheap to call first."""
+    if weights is not None:
+        return str(_check_weights_file(weights))
+    if family == "clip":
+        return _clip_weights_file(config)
+    return _resolve_dinov2_file(config["backbone_size"])
+
+
 def load_backbone(
     family: str,
     config: dict,
@@ -477,13 +492,14 @@ def load_backbone(
         raise UserError(f"unknown model {family!r}: use one of {', '.join(FAMILIES)}")
     if random_init and weights is not None:
         raise ValueError("random_init and weights are mutually exclusive")
+    weights_file = None if random_init else resolve_weights(family, config, weights)
     if family == "clip":
-        model, preprocess, weights_id, activation = _build_clip(config, weights, random_init, seed)
+        model, preprocess, weights_id, activation = _build_clip(config, weights_file, seed)
         description = f"open_clip {config['model_name']} " + (
             "random init" if random_init else str(weights or config.get("pretrained")))
         preprocess_id = f"open_clip:{preprocess}"
     else:
-        model, preprocess, weights_id, activation = _build_dinov2(config, weights, random_init, seed)
+        model, preprocess, weights_id, activation = _build_dinov2(config, weights_file, seed)
         description = f"timm {dinov2_arch(config['backbone_size'])} " + (
             "random init" if random_init else str(weights or DINOV2_PRETRAINED_TAG))
         preprocess_id = f"dinov2-eval:{preprocess}"

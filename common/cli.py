@@ -10,11 +10,10 @@ import argparse
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from common.errors import UserError
-from common.run import DatasetSpec, RunOptions
+from common.options import DatasetSpec, RunOptions
 
 log = logging.getLogger("common")
 
@@ -56,11 +55,10 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    # Library chatter that says nothing to a user of this tool.
-    logging.getLogger("root").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*weights_only.*")
+    # Libraries log at WARNING and above; this tool's own modules at INFO (DEBUG with --verbose).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    logging.getLogger("common").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def resolve(spec: DatasetSpec, args: argparse.Namespace, argv: list[str],
@@ -123,9 +121,15 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> int:
             return 0
         if not args.image_path and not args.manifest:
             parser.error("--image_path is required (or --manifest FILE, or --demo to try the tool)")
+        options, config = resolve(spec, args, argv)
+        # Weights first: a missing file is reported before anything slow is imported or loaded.
+        from common.backbones import resolve_weights
+        from common.devices import resolve_device
+
+        resolve_device(config["device"])
+        options.weights = resolve_weights(args.model, config, options.weights)
         from common.run import execute
 
-        options, config = resolve(spec, args, argv)
         execute(spec, options, config)
         return 0
     except UserError as error:

@@ -10,7 +10,8 @@ every probe seed and returns the test probabilities per seed.
 
 Everything runs in float32 on the CPU and draws randomness only from generators seeded by
 ``seed`` (never from the global torch or numpy state), so the same seed and data give
-bit-identical probabilities.
+bit-identical probabilities (on the same machine and torch thread setting; small probes run
+on one thread, see :func:`_small_work_threads`).
 """
 
 from __future__ import annotations
@@ -151,15 +152,23 @@ def _balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-@contextlib.contextmanager
-def _single_thread():
-    """Run torch on one CPU thread, then restore the previous setting.
+# Below this many multiply-adds per mini-batch (batch x D x C) the probe runs torch on one
+# CPU thread (see :func:`_small_work_threads`).
+SMALL_WORK = 1 << 22
 
-    The probe's matrices are small (a batch of 256 x D times D x C), so threads buy little,
-    while on a busy machine intra-op threads that wait on each other slow it down many times
-    over.  One thread also makes the floating-point reduction order, and so the
-    probabilities, independent of the machine's core count.
+
+@contextlib.contextmanager
+def _small_work_threads(work: int):
+    """Run torch on one CPU thread while ``work`` (multiply-adds per matmul) is small.
+
+    A small probe (few features or classes; the demo, the tests) gains nothing from intra-op
+    threads, and on a busy machine threads that wait on each other slow it down many times
+    over (measured: 8 s -> 115 s for the probe tests on an overloaded 2-core box).  Larger
+    problems keep torch's thread setting.  The previous setting is restored on exit.
     """
+    if work >= SMALL_WORK:
+        yield
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -223,7 +232,8 @@ class LinearProbe:
         outside ``[0, n_classes)``, NaN/inf features (the message names the split), fewer than
         two classes in train.
         """
-        with _single_thread():
+        n_features = np.shape(X_train)[-1] if np.ndim(X_train) == 2 else 1
+        with _small_work_threads(self.config.batch_size * n_features * self.n_classes):
             return self._fit(X_train, y_train, X_val, y_val)
 
     def _fit(self, X_train, y_train, X_val, y_val) -> "LinearProbe":
@@ -336,7 +346,7 @@ class LinearProbe:
         if not hasattr(self, "model_"):
             raise RuntimeError("LinearProbe.predict_proba called before fit")
         Xs = self._standardise(_check_features(X, split, self.n_features_in_))
-        with torch.no_grad(), _single_thread():
+        with torch.no_grad(), _small_work_threads(Xs.shape[0] * Xs.shape[1] * self.n_classes):
             return torch.softmax(self.model_(Xs), dim=1).numpy()
 
     def predict(self, X, *, split: str = "input") -> np.ndarray:

@@ -33,37 +33,10 @@ from common.hooks import HookedViT
 from common.images import IMAGE_SUFFIXES, check_image, is_ignored
 from common.intervention import Intervention
 from common.metrics import MetricSpec, ensemble_predictions, evaluate_mode, metrics_table, paired_tests
+from common.options import DatasetSpec, RunOptions
 from common.probe import ProbeConfig, fit_probes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What is particular to one dataset's entry script."""
-
-    name: str                      # loader name: pacemaker | orthonet | aptos
-    title: str                     # for humans
-    qwk: bool = False              # APTOS: quadratic weighted kappa
-    manufacturer: bool = False     # Pacemaker: manufacturer-level top-1
-
-
-@dataclass
-class RunOptions:
-    """Everything a run needs besides the config dict (set from the command line)."""
-
-    model: str
-    image_path: str | None
-    out: Path
-    manifest: str | None = None
-    weights: str | None = None
-    neurons: str | None = None
-    detect_path: str | None = None
-    no_cache: bool = False
-    cache_dir: Path | None = None
-    strict: bool = False
-    demo: bool = False
-    command_line: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -336,6 +309,10 @@ def write_config(ctx: RunContext, status: str) -> None:
         data["class_names"] = ctx.dataset.class_names
         data["skipped_files"] = len(ctx.dataset.skipped)
         data["leaks"] = len(ctx.dataset.leaks)
+    if ctx.detection is not None:
+        data["neurons_source"] = ctx.detection.source
+        data["register_norm_threshold_used"] = ctx.detection.threshold
+        data["threshold_reason"] = ctx.detection.threshold_reason
     if ctx.selected:
         data["selected_neurons"] = {str(k): v for k, v in ctx.selected.items()}
     if ctx.options.demo:
@@ -435,8 +412,6 @@ def execute(spec: DatasetSpec, options: RunOptions, config: dict, planted_model=
 def _analysis_sections(ctx: RunContext) -> list[str]:
     """Figures and ``outliers.csv`` (common.analysis); returns summary sections."""
     _stage("figures and outlier statistics")
-    try:
-        from common import analysis
-    except ImportError:  # pragma: no cover - analysis lands separately
-        return []
+    from common import analysis
+
     return analysis.write_analysis(ctx)

@@ -258,6 +258,45 @@ def test_batched_detection_matches_per_image_on_fixture(planted):
     assert_matches_reference(result, ref_scores, (depth, width))
 
 
+def test_sparsity_filter_uses_signed_activations():
+    """GELU hardly goes below 0, so the fixture cannot tell ``act < 0.5`` from ``|act| < 0.5``.
+    With the MLP activation replaced by the identity (signed hidden units, many below -0.5) the
+    batched detection must still match the reference, whose filter is on the signed value."""
+    pm = make_planted_model("dinov2", seed=0)
+    model = pm.backbone.model
+    for block in model.blocks:
+        block.mlp.act = torch.nn.Identity()
+    x = to_batch(pm.backbone, fixture_images(4, seed=4))
+    k = -2
+    index = len(model.blocks) + k
+    per_image = [plain_forward(model, "dinov2", x[i], index) for i in range(len(x))]
+    everything = np.sort(np.concatenate([r.norm(dim=-1).numpy() for r, _ in per_image]))
+    top = everything[int(0.7 * everything.size):]
+    gaps = np.diff(top)
+    best = int(np.argmax(gaps))
+    assert gaps[best] > 1e-3
+    threshold = float((top[best] + top[best + 1]) / 2)
+    ref_scores, ref_counted = reference_detection(per_image, threshold)
+    assert ref_counted >= 1
+
+    # The signed and the absolute filter really disagree here.
+    assert any(bool(((acts < 0.5).sum(dim=1) != (acts.abs() < 0.5).sum(dim=1)).any())
+               for _, acts in per_image)
+    abs_total = 0
+    for residual, acts in per_image:
+        outlier = residual.double().norm(dim=-1) > threshold
+        if outlier.any():
+            acts = acts.double()
+            abs_total = abs_total + acts[:, outlier].abs().mean(dim=1) * (
+                (acts.abs() < 0.5).sum(dim=1) >= 0.5 * acts.shape[1])
+    assert not np.allclose(abs_total.numpy() / ref_counted, ref_scores, rtol=RTOL, atol=ATOL)
+
+    result = detect_register_neurons(HookedViT(pm.backbone), [x[:2], x[2:]], detect_layer=k,
+                                     threshold=threshold)
+    assert result.images_counted == ref_counted
+    assert_matches_reference(result, ref_scores, (len(model.blocks), model.blocks[0].mlp.fc2.in_features))
+
+
 def test_detection_leaves_no_hooks(planted):
     backbone = planted.backbone
     x = to_batch(backbone, fixture_images(2))

@@ -163,22 +163,21 @@ def test_bad_inputs_raise_user_error():
 # --------------------------------------------------------------------------- the fast bootstrap kernel
 
 
-@pytest.mark.parametrize("qwk", [False, True])
-def test_vectorised_bootstrap_metrics_equal_sklearn_on_resamples(qwk):
+def test_vectorised_bootstrap_metrics_equal_sklearn_on_resamples():
     rng = np.random.default_rng(7)
     n, c = 24, 5
     y = rng.choice(5, size=n, p=[0.4, 0.3, 0.15, 0.1, 0.05])
     p = np.round(make_proba(y, c, seed=8, signal=1.0), 1)  # rounded: many tied scores
     p[:3] = 0.2  # fully tied rows: argmax/top-k tie-breaking must match sklearn
     makers = ["a", "a", "b", "c", "c"]
-    spec = MetricSpec(c, qwk=qwk, manufacturer_of_class=makers)
-    idx = rng.integers(0, n, size=(40, n))
+    spec = MetricSpec(c, qwk=True, manufacturer_of_class=makers)
+    idx = rng.integers(0, n, size=(30, n))
     idx = np.vstack([np.arange(n), idx])  # the identity resample = the point estimate
     W = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(float)
     fast = _bootstrap_metrics(y, p, spec, W)
     vanished = 0
     for b, row in enumerate(idx):
-        ref = sklearn_metrics(y[row], p[row], c, qwk=qwk, makers=makers)
+        ref = sklearn_metrics(y[row], p[row], c, qwk=True, makers=makers)
         vanished += len(np.unique(y[row])) < len(np.unique(y))
         for name, value in ref.items():
             assert fast[name][b] == pytest.approx(value, abs=1e-12, nan_ok=True), (name, b)
@@ -190,7 +189,7 @@ def test_vectorised_bootstrap_metrics_equal_sklearn_on_resamples(qwk):
 
 def test_evaluate_mode_equals_an_independent_sklearn_bootstrap():
     rng = np.random.default_rng(11)
-    n, c, s, n_boot = 40, 4, 3, 40
+    n, c, s, n_boot = 40, 4, 2, 25
     y = rng.integers(0, c, n)
     P = make_proba(y, c, seed=12, n_seeds=s)
     spec = MetricSpec(c, qwk=True, manufacturer_of_class=MAKERS)
@@ -281,7 +280,7 @@ def test_identical_predictions_give_p_one():
 
 def test_paired_bootstrap_equals_an_independent_computation():
     rng = np.random.default_rng(31)
-    n, c, n_boot = 50, 3, 150
+    n, c, n_boot = 50, 3, 80
     y = rng.integers(0, c, n)
     A = make_proba(y, c, seed=32, signal=0.8, n_seeds=2)
     B = make_proba(y, c, seed=33, signal=1.4, n_seeds=2)

@@ -1,0 +1,551 @@
+#!/usr/bin/env python
+"""Throughput and memory ratios of SPEC §9, measured in one process on a noisy machine.
+
+    python benchmarks/throughput.py --model clip   --quick --json bench_clip.json
+    python benchmarks/throughput.py --model dinov2 --quick --json bench_dinov2.json
+
+The real architectures (open_clip ViT-B/16, timm DINOv2 ViT-L/14 at 224 px) are built with
+random weights (``load_backbone(..., random_init=True)``) and fed synthetic images.  Every ratio
+compares two *sides* run on the same images in the same process.  One *round* runs every side
+once; the order of the sides is reversed on every other round (A B .. B A ..), so slow drifts of
+a shared machine hit both sides of a ratio alike.  A ratio is computed per round and reported
+as the median over the rounds with min, max and interquartile range.
+
+=======================  =====================================================  ==========
+key                      side A / side B                                        target
+=======================  =====================================================  ==========
+hooked_over_stock        ``extract_features`` R=0, no intervention /            <= 1.02
+                         ``backbone.stock_forward`` (the library's own forward)
+ttr_over_no_ttr          ``extract_features`` R=1 + intervention on top_k        <= 1.05
+                         neurons in layers <= highest_layer / the same, no-ttr
+detect_over_forward      ``detect_register_neurons`` / stock forward, same      <= 1.25
+                         batches (``detection_batch_size``)
+reference_over_detect    the reference repo's way (pinned by SPEC §9) / ours    >= 1.3
+cached_over_first        all (mode, split) features from ``FeatureCache`` /     <= 0.05
+                         extracting them from PNGs on disk (decode included)
+memory_4n_over_n         detection peak RSS on 4N images / on N images, each    <= 1.1
+                         in a fresh subprocess
+=======================  =====================================================  ==========
+
+The reference side is written here with plain torch hooks, as the reference repository does
+it: batch size 1; every block's output, every MLP's hidden activations (input of the output
+projection) and every attention map (materialised by the attention module itself: open_clip's
+``nn.MultiheadAttention`` called with ``need_weights=True``, timm's non-fused attention path)
+``.detach().cpu().numpy()``-ed and appended to lists, ``np.concatenate``-d at the end, then
+scored layer by layer with numpy (norms, outlier mask, mean |act| at outliers, sparsity).
+
+Never run by the tests (timings do not belong there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import configs  # noqa: E402
+from common.backbones import Backbone, load_backbone, mlp_output_projection  # noqa: E402
+from common.detection import (  # noqa: E402
+    SPARSE_ACTIVATION, SPARSE_FRACTION, NoOutliersError, collect_norms, detect_register_neurons,
+    detection_batch_size,
+)
+from common.features import (  # noqa: E402
+    MODES, FeatureCache, cache_key, extract_features, file_fingerprints, image_loader, mode_settings,
+)
+from common.hooks import HookedViT  # noqa: E402
+from common.intervention import Intervention  # noqa: E402
+
+TARGETS: dict[str, tuple[str, float]] = {
+    "hooked_over_stock": ("<=", 1.02),
+    "ttr_over_no_ttr": ("<=", 1.05),
+    "detect_over_forward": ("<=", 1.25),
+    "reference_over_detect": (">=", 1.3),
+    "cached_over_first": ("<=", 0.05),
+    "memory_4n_over_n": ("<=", 1.1),
+}
+
+# images: benchmark images (one detection batch); splits: images per train/val/test split of
+# the cached-vs-first run; memory_pairs: (N, 4N) subprocess pairs.
+PRESETS = {
+    ("clip", True): {"images": 4, "repeats": 5, "splits": (1, 1, 1), "memory_pairs": 5},
+    ("clip", False): {"images": 16, "repeats": 7, "splits": (8, 4, 4), "memory_pairs": 5},
+    ("dinov2", True): {"images": 2, "repeats": 5, "splits": (1, 1, 1), "memory_pairs": 5},
+    ("dinov2", False): {"images": 8, "repeats": 7, "splits": (4, 2, 2), "memory_pairs": 5},
+}
+IMAGE_SEED = 1234
+NEURON_SEED = 0
+PNG_SIZE = 96
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def synthetic_image(index: int, size: int) -> torch.Tensor:
+    """Image ``index`` as a preprocessed-looking tensor ``[3, size, size]`` (seeded per index)."""
+    generator = torch.Generator().manual_seed(IMAGE_SEED + index)
+    return torch.randn(3, size, size, generator=generator)
+
+
+def synthetic_batches(count: int, batch: int, size: int, start: int = 0):
+    """Lazily generated batches ``[b, 3, size, size]`` of images ``start .. start+count-1``."""
+    for first in range(start, start + count, batch):
+        last = min(first + batch, start + count)
+        yield torch.stack([synthetic_image(i, size) for i in range(first, last)])
+
+
+def write_pngs(folder: Path, splits: tuple[int, int, int]) -> dict[str, list[str]]:
+    """Small random RGB PNGs per split; returns ``{split: [paths]}``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(IMAGE_SEED)
+    paths: dict[str, list[str]] = {}
+    for split, count in zip(("train", "val", "test"), splits):
+        paths[split] = []
+        for i in range(count):
+            pixels = rng.integers(0, 256, size=(PNG_SIZE, PNG_SIZE, 3), dtype=np.uint8)
+            path = folder / f"{split}_{i:04d}.png"
+            Image.fromarray(pixels).save(path)
+            paths[split].append(str(path))
+    return paths
+
+
+def random_register_neurons(backbone: Backbone, config: dict) -> dict[int, list[int]]:
+    """``top_k`` distinct random (layer, neuron) pairs in layers <= highest_layer (fixed seed)."""
+    rng = np.random.default_rng(NEURON_SEED)
+    layers = config["highest_layer"] + 1
+    flat = rng.choice(layers * backbone.mlp_width, size=config["top_k"], replace=False)
+    selected: dict[int, list[int]] = {}
+    for value in flat:
+        selected.setdefault(int(value) // backbone.mlp_width, []).append(int(value) % backbone.mlp_width)
+    return dict(sorted(selected.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# the reference repository's way (SPEC §9), plain torch hooks and numpy
+
+
+@torch.no_grad()
+def reference_detection(backbone: Backbone, images: torch.Tensor, detect_index: int,
+                        threshold: float) -> tuple[np.ndarray, int]:
+    """Batch size 1, everything copied to host numpy, concatenated, scored layer by layer.
+
+    Returns (scores ``[L, D]``, counted images).
+    """
+    blocks = backbone.blocks
+    outputs: list[list[np.ndarray]] = [[] for _ in blocks]
+    activations: list[list[np.ndarray]] = [[] for _ in blocks]
+    attentions: list[list[np.ndarray]] = [[] for _ in blocks]
+    handles = []
+    fused: list[tuple[torch.nn.Module, bool]] = []
+    try:
+        for layer, block in enumerate(blocks):
+            handles.append(block.register_forward_hook(
+                lambda module, args, output, layer=layer:
+                    outputs[layer].append(output.detach().cpu().numpy())))
+            handles.append(mlp_output_projection(backbone, layer).register_forward_pre_hook(
+                lambda module, args, layer=layer:
+                    activations[layer].append(args[0].detach().cpu().numpy())))
+            if backbone.family == "clip":
+                def ask_weights(module, args, kwargs):
+                    return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+                handles.append(block.attn.register_forward_pre_hook(ask_weights, with_kwargs=True))
+                handles.append(block.attn.register_forward_hook(
+                    lambda module, args, output, layer=layer:
+                        attentions[layer].append(output[1].detach().cpu().numpy())))
+            else:
+                # timm's explicit attention path: softmax(q k^T) goes through attn_drop.
+                fused.append((block.attn, block.attn.fused_attn))
+                block.attn.fused_attn = False
+                handles.append(block.attn.attn_drop.register_forward_hook(
+                    lambda module, args, output, layer=layer:
+                        attentions[layer].append(output.detach().cpu().numpy())))
+        for index in range(images.shape[0]):
+            backbone.model(images[index:index + 1].to(backbone.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, value in fused:
+            module.fused_attn = value
+    layer_outputs = [np.concatenate(parts) for parts in outputs]       # L x [n, N, d]
+    layer_acts = [np.concatenate(parts) for parts in activations]      # L x [n, N, D]
+    layer_attn = [np.concatenate(parts) for parts in attentions]       # L x [n, H, N, N]
+    assert layer_attn[0].ndim == 4
+
+    norms = np.linalg.norm(layer_outputs[detect_index], axis=-1)       # [n, N]
+    outliers = norms > threshold
+    counted = np.flatnonzero(outliers.any(axis=1))
+    n_tokens = norms.shape[1]
+    scores = np.zeros((len(blocks), layer_acts[0].shape[-1]), dtype=np.float64)
+    for layer in range(len(blocks)):
+        acts = layer_acts[layer]
+        for image in counted:
+            score = np.abs(acts[image][outliers[image]]).mean(axis=0)
+            sparse = (acts[image] < SPARSE_ACTIVATION).sum(axis=0) >= SPARSE_FRACTION * n_tokens
+            scores[layer] += score * sparse
+    if len(counted):
+        scores /= len(counted)
+    return scores, len(counted)
+
+
+def ranking_to_scores(ranked, layers: int, width: int) -> np.ndarray:
+    scores = np.zeros((layers, width))
+    for layer, neuron, score in ranked:
+        scores[layer, neuron] = score
+    return scores
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def summarise(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "median": float(np.median(array)),
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "q1": float(np.percentile(array, 25)),
+        "q3": float(np.percentile(array, 75)),
+        "values": [float(v) for v in array],
+    }
+
+
+def meets(key: str, value: float) -> bool:
+    op, target = TARGETS[key]
+    return value <= target if op == "<=" else value >= target
+
+
+def timed(function: Callable[[], object]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# memory: one fresh subprocess per measurement
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as stream:
+            for line in stream:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_child(spec: dict) -> dict:
+    """Run in a fresh interpreter: load the backbone, then detection on ``spec['images']`` images."""
+    config = dict(configs.MODEL_CONFIGS[spec["model"]])
+    backbone = load_backbone(spec["model"], config, random_init=True, seed=0)
+    hooked = HookedViT(backbone)
+    gc.collect()
+    rss_before = _status_kb("VmRSS")
+    hwm_reset = False
+    try:  # reset the high-water mark so the model load's own peak is not what we measure
+        with open("/proc/self/clear_refs", "w") as stream:
+            stream.write("5")
+        hwm_reset = True
+    except OSError:
+        pass
+    batches = synthetic_batches(spec["images"], spec["batch"], backbone.input_size)  # lazy
+    with torch.no_grad():
+        try:
+            result = detect_register_neurons(hooked, batches, detect_layer=config["detect_outliers_layer"],
+                                             threshold=spec["threshold"])
+            used, counted = result.images_used, result.images_counted
+        except NoOutliersError as error:
+            used, counted = error.images, 0
+    return {
+        "images": spec["images"], "batch": spec["batch"], "images_used": used, "images_counted": counted,
+        "rss_before_kb": rss_before, "hwm_reset": hwm_reset,
+        "peak_kb": _status_kb("VmHWM") if hwm_reset else None,
+        "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
+
+
+def measure_memory(model: str, batch: int, n: int, threshold: float, pairs: int) -> dict:
+    """Interleaved (N, 4N) fresh subprocesses; ratio of detection peak RSS per pair."""
+    runs: dict[str, list[dict]] = {"n": [], "4n": []}
+    ratios = []
+    for pair in range(pairs):
+        order = (("n", n), ("4n", 4 * n)) if pair % 2 == 0 else (("4n", 4 * n), ("n", n))
+        peaks = {}
+        for name, count in order:
+            spec = {"model": model, "images": count, "batch": batch, "threshold": threshold}
+            completed = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)],
+                capture_output=True, text=True, check=False)
+            if completed.returncode != 0:
+                raise RuntimeError(f"memory subprocess failed:\n{completed.stderr[-3000:]}")
+            result = json.loads(completed.stdout.strip().splitlines()[-1])
+            runs[name].append(result)
+            peaks[name] = result["peak_kb"] or result["ru_maxrss_kb"]
+        ratios.append(peaks["4n"] / peaks["n"])
+        log(f"  memory pair {pair + 1}/{pairs}: N={n} {peaks['n'] / 1024:.0f} MiB, "
+            f"4N={4 * n} {peaks['4n'] / 1024:.0f} MiB, ratio {ratios[-1]:.4f}")
+    hwm = all(r["hwm_reset"] for rs in runs.values() for r in rs)
+    method = ("peak RSS of a fresh python subprocess per measurement: VmHWM from /proc/self/status, "
+              "reset through /proc/self/clear_refs after the model is loaded, so it is the peak during "
+              "detection (model weights included)" if hwm else
+              "peak RSS of a fresh python subprocess per measurement: resource.getrusage(RUSAGE_SELF)"
+              ".ru_maxrss (includes the model load's own peak)")
+    return {"ratios": ratios, "method": method, "n": n, "batch": batch, "runs": runs}
+
+
+# --------------------------------------------------------------------------------------------
+# one model
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "cpu": cpu, "platform": platform.platform(),
+    }
+
+
+def benchmark(model: str, quick: bool, repeats: int | None, images: int | None,
+              memory_pairs: int | None) -> dict:
+    preset = dict(PRESETS[(model, quick)])
+    repeats = repeats or preset["repeats"]
+    n_images = images or preset["images"]
+    pairs = memory_pairs if memory_pairs is not None else preset["memory_pairs"]
+    if repeats < 5:
+        raise SystemExit("--repeats must be at least 5 (SPEC §9: median of at least 5)")
+    config = dict(configs.MODEL_CONFIGS[model])
+    run_defaults = configs.RUN_DEFAULTS
+    started = time.perf_counter()
+    load_average_start = os.getloadavg()
+
+    log(f"[{model}] loading {model} with random weights")
+    backbone = load_backbone(model, config, random_init=True, seed=0)
+    load_s = time.perf_counter() - started
+    hooked = HookedViT(backbone)
+    size = backbone.input_size
+    batch = detection_batch_size(backbone, n_images)
+    if batch != n_images:
+        raise SystemExit(f"{n_images} images do not fit one detection batch ({batch}); use fewer")
+    batches = list(synthetic_batches(n_images, batch, size))
+    stacked = torch.cat(batches)
+    detect_index = hooked.layer_index(config["detect_outliers_layer"])
+
+    # Threshold from the observed norms: a high quantile, lowered so that every image counts.
+    norms = collect_norms(hooked, batches, config["detect_outliers_layer"]).reshape(n_images, -1)
+    threshold = float(min(np.quantile(norms, 0.99), 0.999 * norms.max(axis=1).min()))
+    log(f"[{model}] threshold {threshold:.3f} (norms at layer {detect_index}: median "
+        f"{np.median(norms):.2f}, max {norms.max():.2f})")
+
+    selected = random_register_neurons(backbone, config)
+    intervention = Intervention(neurons=selected, scale=float(config["scale"]),
+                                normal_values=config["normal_values"])
+    num_registers = int(config["num_registers"])
+
+    # the run's features for cached-vs-first: PNGs on disk, every (mode, split)
+    workdir = tempfile.TemporaryDirectory(prefix="ttr-bench-")
+    paths = write_pngs(Path(workdir.name), preset["splits"])
+    cache = FeatureCache(Path(workdir.name) / "cache")
+
+    def description(mode: str, split_paths: list[str]) -> dict:
+        registers, iv = mode_settings(mode, num_registers, intervention)
+        return {"family": backbone.family, "weights": backbone.weights_id, "activation": backbone.activation,
+                "preprocess": backbone.preprocess_id, "mode": mode, "num_registers": registers,
+                "intervention": iv.describe() if iv else None, "images": file_fingerprints(split_paths)}
+
+    # ---- the sides
+    def side_stock():
+        for images in batches:
+            backbone.stock_forward(images)
+
+    def side_no_ttr():
+        extract_features(hooked, batches, num_registers=0, intervention=None)
+
+    def side_ttr():
+        extract_features(hooked, batches, num_registers=num_registers, intervention=intervention)
+
+    detection_outputs: list = []
+
+    def side_detect():
+        detection_outputs.append(detect_register_neurons(
+            hooked, batches, detect_layer=config["detect_outliers_layer"], threshold=threshold))
+
+    reference_outputs: list = []
+
+    def side_reference():
+        reference_outputs.append(reference_detection(backbone, stacked, detect_index, threshold))
+
+    def side_first():
+        for mode in MODES:
+            registers, iv = mode_settings(mode, num_registers, intervention)
+            for split, split_paths in paths.items():
+                desc = description(mode, split_paths)
+                key = cache_key(desc)
+                loader = image_loader(split_paths, backbone.preprocess, run_defaults["batch_size"],
+                                      run_defaults["num_workers"], backbone.device)
+                features = extract_features(hooked, loader, num_registers=registers, intervention=iv)
+                cache.save(key, features, {k: v for k, v in desc.items() if k != "images"})
+
+    def side_cached():
+        for mode in MODES:
+            for split, split_paths in paths.items():
+                features = cache.load(cache_key(description(mode, split_paths)))
+                if features is None or len(features.pooled) != len(split_paths):
+                    raise RuntimeError(f"cache miss for {mode}/{split}")
+
+    sides = {"stock": side_stock, "no_ttr": side_no_ttr, "ttr": side_ttr, "detect": side_detect,
+             "reference": side_reference, "first": side_first, "cached": side_cached}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    with torch.no_grad():
+        for repeat in range(repeats):
+            order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
+            round_start = time.perf_counter()
+            for name in order:
+                times[name].append(timed(sides[name]))
+            log(f"[{model}] round {repeat + 1}/{repeats} ({time.perf_counter() - round_start:.1f} s): "
+                + ", ".join(f"{name} {times[name][-1]:.3f}s" for name in sides))
+
+    # the reference and ours must agree (same images, same threshold)
+    ours = ranking_to_scores(detection_outputs[0].ranked, backbone.num_layers, backbone.mlp_width)
+    reference_scores, reference_counted = reference_outputs[0]
+    agreement = {
+        "max_abs_diff": float(np.abs(ours - reference_scores).max()),
+        "allclose_rtol1e-4": bool(np.allclose(ours, reference_scores, rtol=1e-4, atol=1e-5)),
+        "counted_ours": detection_outputs[0].images_counted, "counted_reference": reference_counted,
+    }
+
+    per_round = {
+        "hooked_over_stock": [a / b for a, b in zip(times["no_ttr"], times["stock"])],
+        "ttr_over_no_ttr": [a / b for a, b in zip(times["ttr"], times["no_ttr"])],
+        "detect_over_forward": [a / b for a, b in zip(times["detect"], times["stock"])],
+        "reference_over_detect": [a / b for a, b in zip(times["reference"], times["detect"])],
+        "cached_over_first": [a / b for a, b in zip(times["cached"], times["first"])],
+    }
+    workdir.cleanup()
+
+    log(f"[{model}] memory: {pairs} interleaved (N, 4N) subprocess pairs, N={n_images}, batch {batch}")
+    memory = measure_memory(model, batch, n_images, threshold, pairs)
+    per_round["memory_4n_over_n"] = memory.pop("ratios")
+
+    ratios = {}
+    for key, values in per_round.items():
+        stats = summarise(values)
+        op, target = TARGETS[key]
+        stats.update({"target": f"{op} {target}", "met": meets(key, stats["median"]), "repeats": len(values)})
+        ratios[key] = stats
+    split_images = sum(preset["splits"])
+    result = {
+        "model": model,
+        "backbone": backbone.description,
+        "quick": quick,
+        **{key: ratios[key]["median"] for key in TARGETS},
+        "all_met": all(r["met"] for r in ratios.values()),
+        "ratios": ratios,
+        "images_per_s": {
+            "stock_forward": n_images / float(np.median(times["stock"])),
+            "no_ttr_extraction": n_images / float(np.median(times["no_ttr"])),
+            "ttr_extraction": n_images / float(np.median(times["ttr"])),
+            "detection": n_images / float(np.median(times["detect"])),
+            "reference_detection": n_images / float(np.median(times["reference"])),
+            "first_extraction_both_modes": 2 * split_images / float(np.median(times["first"])),
+        },
+        "seconds": {name: summarise(values) for name, values in times.items()},
+        "setup": {
+            "images": n_images, "batch": batch, "image_size": size, "repeats": repeats,
+            "run_splits_images": list(preset["splits"]), "png_size": PNG_SIZE,
+            "run_batch_size": run_defaults["batch_size"], "run_num_workers": run_defaults["num_workers"],
+            "threshold": threshold, "detect_layer": config["detect_outliers_layer"],
+            "register_neurons": {str(k): v for k, v in selected.items()},
+            "num_registers": num_registers, "backbone_load_s": load_s,
+            "order": "sides in order stock, no_ttr, ttr, detect, reference, first, cached; reversed on odd rounds",
+        },
+        "reference_agreement": agreement,
+        "memory": memory,
+        "machine": {**machine_info(), "load_average_start": load_average_start,
+                    "load_average_end": os.getloadavg()},
+        "wall_s": time.perf_counter() - started,
+    }
+    return result
+
+
+def print_table(result: dict) -> None:
+    machine = result["machine"]
+    print(f"\n== {result['model']}: {result['backbone']}  ({'quick' if result['quick'] else 'full'}, "
+          f"{result['setup']['images']} images, batch {result['setup']['batch']}, "
+          f"{result['setup']['repeats']} interleaved rounds)")
+    print(f"   machine: {machine['nproc']} CPUs, torch {machine['torch']} ({machine['torch_threads']} threads), "
+          f"load average {machine['load_average_start'][0]:.1f} -> {machine['load_average_end'][0]:.1f}")
+    print(f"   {'ratio':<24}{'median':>9}{'min':>9}{'q1':>9}{'q3':>9}{'max':>9}  {'target':<9} met")
+    for key in TARGETS:
+        r = result["ratios"][key]
+        print(f"   {key:<24}{r['median']:>9.4f}{r['min']:>9.4f}{r['q1']:>9.4f}{r['q3']:>9.4f}"
+              f"{r['max']:>9.4f}  {r['target']:<9} {'yes' if r['met'] else 'NO'}")
+    print("   images/s: " + ", ".join(f"{k} {v:.3f}" for k, v in result["images_per_s"].items()))
+    agreement = result["reference_agreement"]
+    print(f"   reference vs ours: max |score diff| {agreement['max_abs_diff']:.2e}, "
+          f"allclose {agreement['allclose_rtol1e-4']}, counted {agreement['counted_ours']}/"
+          f"{agreement['counted_reference']}")
+    print(f"   memory: {result['memory']['method']}")
+    print(f"   wall time {result['wall_s']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("clip", "dinov2", "both"), default="both")
+    parser.add_argument("--quick", action="store_true", help="few images, 5 rounds (about 10 min or less)")
+    parser.add_argument("--json", metavar="FILE", help="write the results here")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds (>= 5)")
+    parser.add_argument("--images", type=int, help="benchmark images (one detection batch)")
+    parser.add_argument("--memory_pairs", type=int, help="(N, 4N) subprocess pairs")
+    parser.add_argument("--memory-child", dest="memory_child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    models = ("clip", "dinov2") if args.model == "both" else (args.model,)
+    results = {}
+    for model in models:
+        results[model] = benchmark(model, args.quick, args.repeats, args.images, args.memory_pairs)
+        print_table(results[model])
+    if args.json:
+        payload = results[models[0]] if len(models) == 1 else results
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+        print(f"\nwrote {args.json}")
+    return 0 if all(r["all_met"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
