@@ -80,17 +80,36 @@ TARGETS: dict[str, tuple[str, float]] = {
     "memory_4n_over_n": ("<=", 1.1),
 }
 
-# images: benchmark images (one detection batch); splits: images per train/val/test split of
-# the cached-vs-first run; memory_pairs: (N, 4N) subprocess pairs.
+# images: benchmark images, one detection batch (detection_batch_size(backbone, images));
+# rounds: interleaved rounds of the cheap sides (ttr, no_ttr, stock, detect); heavy_rounds: the
+# first rounds also run the costly sides (reference, first, cached); splits: images per
+# train/val/test split of the cached-vs-first run; memory_*: N, its batch size and the number of
+# interleaved (N, 4N) measurements.
 PRESETS = {
-    ("clip", True): {"images": 4, "repeats": 5, "splits": (1, 1, 1), "memory_pairs": 5},
-    ("clip", False): {"images": 16, "repeats": 7, "splits": (8, 4, 4), "memory_pairs": 5},
-    ("dinov2", True): {"images": 2, "repeats": 5, "splits": (1, 1, 1), "memory_pairs": 5},
-    ("dinov2", False): {"images": 8, "repeats": 7, "splits": (4, 2, 2), "memory_pairs": 5},
+    ("clip", True): {"images": 4, "rounds": 7, "heavy_rounds": 5, "splits": (1, 1, 1),
+                     "memory_n": 2, "memory_batch": 2, "memory_pairs": 5},
+    ("clip", False): {"images": 16, "rounds": 11, "heavy_rounds": 7, "splits": (8, 4, 4),
+                      "memory_n": 16, "memory_batch": 16, "memory_pairs": 5},
+    ("dinov2", True): {"images": 2, "rounds": 5, "heavy_rounds": 5, "splits": (1, 1, 1),
+                       "memory_n": 1, "memory_batch": 1, "memory_pairs": 5},
+    ("dinov2", False): {"images": 8, "rounds": 9, "heavy_rounds": 5, "splits": (4, 2, 2),
+                        "memory_n": 8, "memory_batch": 8, "memory_pairs": 5},
+}
+MIN_ROUNDS = 5
+# (numerator side, denominator side) of each timed ratio
+TIMED_RATIOS = {
+    "hooked_over_stock": ("no_ttr", "stock"),
+    "ttr_over_no_ttr": ("ttr", "no_ttr"),
+    "detect_over_forward": ("detect", "stock"),
+    "reference_over_detect": ("reference", "detect"),
+    "cached_over_first": ("cached", "first"),
 }
 IMAGE_SEED = 1234
 NEURON_SEED = 0
 PNG_SIZE = 96
+# Decoding in the main process: no worker start-up in the "first" side, which makes it shorter
+# and cached_over_first larger (conservative) than with the run's num_workers.
+FIRST_NUM_WORKERS = 0
 
 
 def log(message: str) -> None:
@@ -237,11 +256,12 @@ def meets(key: str, value: float) -> bool:
     return value <= target if op == "<=" else value >= target
 
 
-def timed(function: Callable[[], object]) -> float:
+def timed(function: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds by ``time.perf_counter``, process CPU seconds) of one call."""
     gc.collect()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     function()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,63 +279,84 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as stream:
+            stream.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_child(spec: dict) -> dict:
-    """Run in a fresh interpreter: load the backbone, then detection on ``spec['images']`` images."""
+    """In a fresh interpreter: load the backbone once, then detection on N and 4N images,
+    interleaved (N, 4N, 4N, N, ...), each from a reset peak-RSS counter."""
     config = dict(configs.MODEL_CONFIGS[spec["model"]])
     backbone = load_backbone(spec["model"], config, random_init=True, seed=0)
     hooked = HookedViT(backbone)
-    gc.collect()
-    rss_before = _status_kb("VmRSS")
-    hwm_reset = False
-    try:  # reset the high-water mark so the model load's own peak is not what we measure
-        with open("/proc/self/clear_refs", "w") as stream:
-            stream.write("5")
-        hwm_reset = True
-    except OSError:
-        pass
-    batches = synthetic_batches(spec["images"], spec["batch"], backbone.input_size)  # lazy
-    with torch.no_grad():
+    n, batch = spec["n"], spec["batch"]
+
+    def detect(count: int) -> tuple[int, int]:
+        batches = synthetic_batches(count, batch, backbone.input_size)  # generated lazily
         try:
             result = detect_register_neurons(hooked, batches, detect_layer=config["detect_outliers_layer"],
                                              threshold=spec["threshold"])
-            used, counted = result.images_used, result.images_counted
+            return result.images_used, result.images_counted
         except NoOutliersError as error:
-            used, counted = error.images, 0
-    return {
-        "images": spec["images"], "batch": spec["batch"], "images_used": used, "images_counted": counted,
-        "rss_before_kb": rss_before, "hwm_reset": hwm_reset,
-        "peak_kb": _status_kb("VmHWM") if hwm_reset else None,
-        "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-    }
+            return error.images, 0
+
+    runs = []
+    with torch.no_grad():
+        detect(batch)  # warm-up: one-time allocations (thread pools, kernels) are not measured
+        for pair in range(spec["pairs"]):
+            counts = (n, 4 * n) if pair % 2 == 0 else (4 * n, n)
+            for count in counts:
+                _release_free_memory()
+                rss_before = _status_kb("VmRSS")
+                reset = _reset_peak_rss()
+                used, counted = detect(count)
+                runs.append({"pair": pair, "images": count, "images_used": used, "images_counted": counted,
+                             "rss_before_kb": rss_before, "hwm_reset": reset,
+                             "peak_kb": _status_kb("VmHWM") if reset else None})
+    return {"runs": runs, "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
 
 def measure_memory(model: str, batch: int, n: int, threshold: float, pairs: int) -> dict:
-    """Interleaved (N, 4N) fresh subprocesses; ratio of detection peak RSS per pair."""
-    runs: dict[str, list[dict]] = {"n": [], "4n": []}
+    """Detection peak RSS on 4N vs N images, measured in one fresh subprocess."""
+    spec = {"model": model, "n": n, "batch": batch, "threshold": threshold, "pairs": pairs}
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)],
+        capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory subprocess failed:\n{completed.stderr[-3000:]}")
+    child = json.loads(completed.stdout.strip().splitlines()[-1])
+    runs = child["runs"]
+    if not all(run["hwm_reset"] for run in runs):
+        raise RuntimeError("cannot reset the peak RSS through /proc/self/clear_refs on this system")
     ratios = []
     for pair in range(pairs):
-        order = (("n", n), ("4n", 4 * n)) if pair % 2 == 0 else (("4n", 4 * n), ("n", n))
-        peaks = {}
-        for name, count in order:
-            spec = {"model": model, "images": count, "batch": batch, "threshold": threshold}
-            completed = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)],
-                capture_output=True, text=True, check=False)
-            if completed.returncode != 0:
-                raise RuntimeError(f"memory subprocess failed:\n{completed.stderr[-3000:]}")
-            result = json.loads(completed.stdout.strip().splitlines()[-1])
-            runs[name].append(result)
-            peaks[name] = result["peak_kb"] or result["ru_maxrss_kb"]
-        ratios.append(peaks["4n"] / peaks["n"])
-        log(f"  memory pair {pair + 1}/{pairs}: N={n} {peaks['n'] / 1024:.0f} MiB, "
-            f"4N={4 * n} {peaks['4n'] / 1024:.0f} MiB, ratio {ratios[-1]:.4f}")
-    hwm = all(r["hwm_reset"] for rs in runs.values() for r in rs)
-    method = ("peak RSS of a fresh python subprocess per measurement: VmHWM from /proc/self/status, "
-              "reset through /proc/self/clear_refs after the model is loaded, so it is the peak during "
-              "detection (model weights included)" if hwm else
-              "peak RSS of a fresh python subprocess per measurement: resource.getrusage(RUSAGE_SELF)"
-              ".ru_maxrss (includes the model load's own peak)")
-    return {"ratios": ratios, "method": method, "n": n, "batch": batch, "runs": runs}
+        peaks = {run["images"]: run["peak_kb"] for run in runs if run["pair"] == pair}
+        ratios.append(peaks[4 * n] / peaks[n])
+        log(f"  memory pair {pair + 1}/{pairs}: N={n} {peaks[n] / 1024:.0f} MiB, "
+            f"4N={4 * n} {peaks[4 * n] / 1024:.0f} MiB, ratio {ratios[-1]:.4f}")
+    method = ("peak RSS (VmHWM, /proc/self/status) of one fresh python subprocess that holds only the "
+              "model: before each detection run garbage is collected, freed heap is returned to the OS "
+              "(malloc_trim) and the peak is reset (/proc/self/clear_refs); N and 4N runs interleaved. "
+              "The peak includes the resident model weights and the interpreter.")
+    return {"ratios": ratios, "method": method, "n": n, "batch": batch, "runs": runs,
+            "child_ru_maxrss_kb": child["ru_maxrss_kb"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,14 +379,14 @@ def machine_info() -> dict:
     }
 
 
-def benchmark(model: str, quick: bool, repeats: int | None, images: int | None,
-              memory_pairs: int | None) -> dict:
+def benchmark(model: str, quick: bool, overrides: dict) -> dict:
     preset = dict(PRESETS[(model, quick)])
-    repeats = repeats or preset["repeats"]
-    n_images = images or preset["images"]
-    pairs = memory_pairs if memory_pairs is not None else preset["memory_pairs"]
-    if repeats < 5:
-        raise SystemExit("--repeats must be at least 5 (SPEC §9: median of at least 5)")
+    preset.update({k: v for k, v in overrides.items() if v is not None})
+    rounds, heavy_rounds, n_images = preset["rounds"], preset["heavy_rounds"], preset["images"]
+    if min(rounds, heavy_rounds, preset["memory_pairs"]) < MIN_ROUNDS:
+        raise SystemExit(f"rounds, heavy rounds and memory pairs must be at least {MIN_ROUNDS} "
+                         "(SPEC §9: median of at least 5)")
+    heavy_rounds = min(heavy_rounds, rounds)
     config = dict(configs.MODEL_CONFIGS[model])
     run_defaults = configs.RUN_DEFAULTS
     started = time.perf_counter()
@@ -414,7 +455,7 @@ def benchmark(model: str, quick: bool, repeats: int | None, images: int | None,
                 desc = description(mode, split_paths)
                 key = cache_key(desc)
                 loader = image_loader(split_paths, backbone.preprocess, run_defaults["batch_size"],
-                                      run_defaults["num_workers"], backbone.device)
+                                      FIRST_NUM_WORKERS, backbone.device)
                 features = extract_features(hooked, loader, num_registers=registers, intervention=iv)
                 cache.save(key, features, {k: v for k, v in desc.items() if k != "images"})
 
@@ -425,17 +466,27 @@ def benchmark(model: str, quick: bool, repeats: int | None, images: int | None,
                 if features is None or len(features.pooled) != len(split_paths):
                     raise RuntimeError(f"cache miss for {mode}/{split}")
 
-    sides = {"stock": side_stock, "no_ttr": side_no_ttr, "ttr": side_ttr, "detect": side_detect,
+    # The order makes both sides of every ratio neighbours in time: ttr | no_ttr | stock |
+    # detect | reference is a chain (ttr/no_ttr, no_ttr/stock, detect/stock, reference/detect),
+    # then first | cached.  Odd rounds run the same order backwards (round 0 runs "first"
+    # before "cached", so the cache is filled before it is read).  The costly sides run in the
+    # first ``heavy_rounds`` rounds only; a ratio uses the rounds that ran both of its sides.
+    sides = {"ttr": side_ttr, "no_ttr": side_no_ttr, "stock": side_stock, "detect": side_detect,
              "reference": side_reference, "first": side_first, "cached": side_cached}
-    times: dict[str, list[float]] = {name: [] for name in sides}
+    heavy = {"reference", "first", "cached"}
+    wall: dict[str, dict[int, float]] = {name: {} for name in sides}
+    cpu: dict[str, dict[int, float]] = {name: {} for name in sides}
     with torch.no_grad():
-        for repeat in range(repeats):
-            order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
+        for repeat in range(rounds):
+            order = [name for name in sides if repeat < heavy_rounds or name not in heavy]
+            if repeat % 2:
+                order.reverse()
             round_start = time.perf_counter()
             for name in order:
-                times[name].append(timed(sides[name]))
-            log(f"[{model}] round {repeat + 1}/{repeats} ({time.perf_counter() - round_start:.1f} s): "
-                + ", ".join(f"{name} {times[name][-1]:.3f}s" for name in sides))
+                wall[name][repeat], cpu[name][repeat] = timed(sides[name])
+            log(f"[{model}] round {repeat + 1}/{rounds} ({time.perf_counter() - round_start:.1f} s): "
+                + ", ".join(f"{name} {wall[name][repeat]:.3f}s" for name in sides if repeat in wall[name]))
+    workdir.cleanup()
 
     # the reference and ours must agree (same images, same threshold)
     ours = ranking_to_scores(detection_outputs[0].ranked, backbone.num_layers, backbone.mlp_width)
@@ -446,17 +497,16 @@ def benchmark(model: str, quick: bool, repeats: int | None, images: int | None,
         "counted_ours": detection_outputs[0].images_counted, "counted_reference": reference_counted,
     }
 
-    per_round = {
-        "hooked_over_stock": [a / b for a, b in zip(times["no_ttr"], times["stock"])],
-        "ttr_over_no_ttr": [a / b for a, b in zip(times["ttr"], times["no_ttr"])],
-        "detect_over_forward": [a / b for a, b in zip(times["detect"], times["stock"])],
-        "reference_over_detect": [a / b for a, b in zip(times["reference"], times["detect"])],
-        "cached_over_first": [a / b for a, b in zip(times["cached"], times["first"])],
-    }
-    workdir.cleanup()
+    def paired(times: dict[str, dict[int, float]], top: str, bottom: str) -> list[float]:
+        return [times[top][r] / times[bottom][r] for r in sorted(times[top]) if r in times[bottom]]
 
-    log(f"[{model}] memory: {pairs} interleaved (N, 4N) subprocess pairs, N={n_images}, batch {batch}")
-    memory = measure_memory(model, batch, n_images, threshold, pairs)
+    per_round = {key: paired(wall, *sides_) for key, sides_ in TIMED_RATIOS.items()}
+    cpu_ratios = {key: summarise(paired(cpu, *sides_)) for key, sides_ in TIMED_RATIOS.items()}
+
+    memory_n, memory_batch, pairs = preset["memory_n"], preset["memory_batch"], preset["memory_pairs"]
+    log(f"[{model}] memory: one fresh subprocess, {pairs} interleaved (N, 4N) pairs, N={memory_n}, "
+        f"batch {memory_batch}")
+    memory = measure_memory(model, memory_batch, memory_n, threshold, pairs)
     per_round["memory_4n_over_n"] = memory.pop("ratios")
 
     ratios = {}
@@ -466,6 +516,10 @@ def benchmark(model: str, quick: bool, repeats: int | None, images: int | None,
         stats.update({"target": f"{op} {target}", "met": meets(key, stats["median"]), "repeats": len(values)})
         ratios[key] = stats
     split_images = sum(preset["splits"])
+
+    def rate(side: str, count: int) -> float:
+        return count / float(np.median(list(wall[side].values())))
+
     result = {
         "model": model,
         "backbone": backbone.description,
@@ -473,23 +527,24 @@ def benchmark(model: str, quick: bool, repeats: int | None, images: int | None,
         **{key: ratios[key]["median"] for key in TARGETS},
         "all_met": all(r["met"] for r in ratios.values()),
         "ratios": ratios,
+        "cpu_time_ratios": cpu_ratios,
         "images_per_s": {
-            "stock_forward": n_images / float(np.median(times["stock"])),
-            "no_ttr_extraction": n_images / float(np.median(times["no_ttr"])),
-            "ttr_extraction": n_images / float(np.median(times["ttr"])),
-            "detection": n_images / float(np.median(times["detect"])),
-            "reference_detection": n_images / float(np.median(times["reference"])),
-            "first_extraction_both_modes": 2 * split_images / float(np.median(times["first"])),
+            "stock_forward": rate("stock", n_images),
+            "no_ttr_extraction": rate("no_ttr", n_images),
+            "ttr_extraction": rate("ttr", n_images),
+            "detection": rate("detect", n_images),
+            "reference_detection": rate("reference", n_images),
+            "first_extraction_both_modes": rate("first", 2 * split_images),
         },
-        "seconds": {name: summarise(values) for name, values in times.items()},
+        "seconds": {name: summarise(list(values.values())) for name, values in wall.items()},
+        "cpu_seconds": {name: summarise(list(values.values())) for name, values in cpu.items()},
         "setup": {
-            "images": n_images, "batch": batch, "image_size": size, "repeats": repeats,
-            "run_splits_images": list(preset["splits"]), "png_size": PNG_SIZE,
-            "run_batch_size": run_defaults["batch_size"], "run_num_workers": run_defaults["num_workers"],
+            **preset, "batch": batch, "image_size": size, "png_size": PNG_SIZE,
+            "first_batch_size": run_defaults["batch_size"], "first_num_workers": FIRST_NUM_WORKERS,
             "threshold": threshold, "detect_layer": config["detect_outliers_layer"],
             "register_neurons": {str(k): v for k, v in selected.items()},
             "num_registers": num_registers, "backbone_load_s": load_s,
-            "order": "sides in order stock, no_ttr, ttr, detect, reference, first, cached; reversed on odd rounds",
+            "order": "ttr, no_ttr, stock, detect, reference, first, cached; reversed on odd rounds",
         },
         "reference_agreement": agreement,
         "memory": memory,
@@ -504,14 +559,18 @@ def print_table(result: dict) -> None:
     machine = result["machine"]
     print(f"\n== {result['model']}: {result['backbone']}  ({'quick' if result['quick'] else 'full'}, "
           f"{result['setup']['images']} images, batch {result['setup']['batch']}, "
-          f"{result['setup']['repeats']} interleaved rounds)")
+          f"{result['setup']['rounds']} interleaved rounds, {result['setup']['heavy_rounds']} with "
+          "reference/first/cached)")
     print(f"   machine: {machine['nproc']} CPUs, torch {machine['torch']} ({machine['torch_threads']} threads), "
           f"load average {machine['load_average_start'][0]:.1f} -> {machine['load_average_end'][0]:.1f}")
-    print(f"   {'ratio':<24}{'median':>9}{'min':>9}{'q1':>9}{'q3':>9}{'max':>9}  {'target':<9} met")
+    print(f"   {'ratio (wall clock)':<24}{'median':>9}{'min':>9}{'q1':>9}{'q3':>9}{'max':>9}  {'n':>2}  "
+          f"{'target':<9} met  {'cpu-time median':>15}")
     for key in TARGETS:
         r = result["ratios"][key]
+        cpu_median = result["cpu_time_ratios"].get(key, {}).get("median")
         print(f"   {key:<24}{r['median']:>9.4f}{r['min']:>9.4f}{r['q1']:>9.4f}{r['q3']:>9.4f}"
-              f"{r['max']:>9.4f}  {r['target']:<9} {'yes' if r['met'] else 'NO'}")
+              f"{r['max']:>9.4f}  {r['repeats']:>2}  {r['target']:<9} {'yes' if r['met'] else 'NO ':<4}"
+              f"{'' if cpu_median is None else f'{cpu_median:>15.4f}'}")
     print("   images/s: " + ", ".join(f"{k} {v:.3f}" for k, v in result["images_per_s"].items()))
     agreement = result["reference_agreement"]
     print(f"   reference vs ours: max |score diff| {agreement['max_abs_diff']:.2e}, "
@@ -527,9 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("clip", "dinov2", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="few images, 5 rounds (about 10 min or less)")
     parser.add_argument("--json", metavar="FILE", help="write the results here")
-    parser.add_argument("--repeats", type=int, help="interleaved rounds (>= 5)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of the cheap sides (>= 5)")
+    parser.add_argument("--heavy_rounds", type=int, help="rounds that also run reference/first/cached (>= 5)")
     parser.add_argument("--images", type=int, help="benchmark images (one detection batch)")
-    parser.add_argument("--memory_pairs", type=int, help="(N, 4N) subprocess pairs")
+    parser.add_argument("--memory_n", type=int, help="N of memory_4n_over_n")
+    parser.add_argument("--memory_batch", type=int, help="detection batch size of the memory runs")
+    parser.add_argument("--memory_pairs", type=int, help="interleaved (N, 4N) memory measurements (>= 5)")
     parser.add_argument("--memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -538,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     models = ("clip", "dinov2") if args.model == "both" else (args.model,)
     results = {}
     for model in models:
-        results[model] = benchmark(model, args.quick, args.repeats, args.images, args.memory_pairs)
+        overrides = {key: getattr(args, key) for key in
+                     ("rounds", "heavy_rounds", "images", "memory_n", "memory_batch", "memory_pairs")}
+        results[model] = benchmark(model, args.quick, overrides)
         print_table(results[model])
     if args.json:
         payload = results[models[0]] if len(models) == 1 else results

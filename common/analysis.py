@@ -309,7 +309,7 @@ def outlier_markdown(analysis: Analysis, table: pd.DataFrame) -> str:
         "## Outlier tokens and attention",
         "",
         f"Over {len(analysis.paths)} test images (a fixed, seeded subset). Detect layer "
-        f"{analysis.detect_layer} (0-based) of {analysis.num_layers}, norm threshold {analysis.threshold:g}; "
+        f"{analysis.detect_layer} (0-based) of {analysis.num_layers}, norm threshold {analysis.threshold:.4g}; "
         f"ttr: {analysis.num_registers} test-time register(s), intervened layers {analysis.intervened_layers}.",
         "",
         "| mode | patches above threshold | mean max patch norm | register norm | "

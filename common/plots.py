@@ -109,7 +109,7 @@ def norm_maps(analysis: "Analysis", index: int, path: Path) -> None:
     above = np.argwhere(detect > analysis.threshold) if math.isfinite(analysis.threshold) else []
     for r, c in above:
         ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
-    ax.set_title(f"no-ttr patches > {analysis.threshold:g}\nat layer {analysis.detect_layer} (red): {len(above)}",
+    ax.set_title(f"no-ttr patches > {analysis.threshold:.4g}\nat layer {analysis.detect_layer} (red): {len(above)}",
                  fontsize=9)
 
     for row, layer in enumerate(layers, start=1):
@@ -139,15 +139,16 @@ def attention_maps(analysis: "Analysis", index: int, path: Path) -> None:
     panels = [("input", None)] + [(f"head {h}", h) for h in range(heads)] + [("head mean", "mean")]
     columns = min(ATTENTION_COLUMNS, len(panels))
     blocks = math.ceil(len(panels) / columns)
-    fig = plt.figure(figsize=(2.15 * columns, 4.35 * blocks + 0.9))
-    spec = fig.add_gridspec(blocks * 2, columns, hspace=0.36, wspace=0.12,
-                            height_ratios=[1, 1.22] * blocks)
+    # per block: the no-ttr row, the ttr row, and a spacer for the ttr row's colour bars
+    fig = plt.figure(figsize=(2.15 * columns, 4.9 * blocks + 0.9))
+    spec = fig.add_gridspec(blocks * 3, columns, hspace=0.3, wspace=0.12,
+                            height_ratios=[1, 1, 0.3] * blocks)
     uniform = 1.0 / (analysis.grid[0] * analysis.grid[1])
     grid = analysis.grid
     for k, (label, head) in enumerate(panels):
         block, column = divmod(k, columns)
-        top = fig.add_subplot(spec[2 * block, column])
-        bottom = fig.add_subplot(spec[2 * block + 1, column])
+        top = fig.add_subplot(spec[3 * block, column])
+        bottom = fig.add_subplot(spec[3 * block + 1, column])
         if head is None:
             _image_axes(top, analysis.figure_inputs[index], grid)
             top.set_title("input", fontsize=9)
@@ -167,7 +168,7 @@ def attention_maps(analysis: "Analysis", index: int, path: Path) -> None:
         image = _map_axes(bottom, b, 0.0, vmax, ATTENTION_CMAP)
         top.set_title(f"{label}: no-ttr\non patches {a.sum():.0%}", fontsize=8.5)
         bottom.set_title(f"ttr: on patches {b.sum():.0%}\non register {share:.0%}", fontsize=8.5)
-        cax = bottom.inset_axes([0.0, -0.13, 1.0, 0.07])
+        cax = bottom.inset_axes([0.0, -0.12, 1.0, 0.07])
         bar = fig.colorbar(image, cax=cax, orientation="horizontal")
         bar.ax.tick_params(labelsize=7)
         bar.locator = matplotlib.ticker.MaxNLocator(3)
@@ -206,8 +207,10 @@ def layer_curves(analysis: "Analysis", path: Path) -> None:
                 continue
             low, high = np.percentile(values, [10, 90], axis=0)
             ax.fill_between(layers, low, high, color=COLOURS[mode], alpha=0.15, linewidth=0)
-            ax.plot(layers, values.mean(axis=0), marker="o", markersize=4, color=COLOURS[mode],
-                    label=f"{mode} (mean; band 10-90th pct)")
+            style = ({"linestyle": "-", "linewidth": 2.4, "marker": "o", "markersize": 5} if mode == "no-ttr"
+                     else {"linestyle": "--", "linewidth": 1.6, "marker": "s", "markersize": 3.5})
+            ax.plot(layers, values.mean(axis=0), color=COLOURS[mode], label=f"{mode} (mean; band 10-90th pct)",
+                    **style)
         ax.set_xlabel("layer (0-based block output)")
         ax.set_ylabel(f"{label}\n(mean over {len(analysis.paths)} images)")
         ax.set_title(label[0].upper() + label[1:] + " per layer", fontsize=10)
@@ -215,7 +218,7 @@ def layer_curves(analysis: "Analysis", path: Path) -> None:
         ax.grid(alpha=0.3)
     if math.isfinite(analysis.threshold):
         axes[0].axhline(analysis.threshold, color="black", linestyle="--", linewidth=1,
-                        label=f"threshold {analysis.threshold:g} (applies at the detect layer)")
+                        label=f"threshold {analysis.threshold:.4g} (applies at the detect layer)")
     uniform = 1.0 / (analysis.grid[0] * analysis.grid[1])
     axes[1].axhline(uniform, color="0.5", linestyle="-.", linewidth=1, label=f"uniform attention 1/P = {uniform:.3g}")
     axes[1].set_ylim(bottom=0)
@@ -250,7 +253,7 @@ def norm_histogram(analysis: "Analysis", path: Path) -> None:
             label=f"ttr register token(s) (n={values.size})")
     if math.isfinite(analysis.threshold):
         ax.axvline(analysis.threshold, color="black", linestyle="--", linewidth=1.2,
-                   label=f"threshold {analysis.threshold:g}")
+                   label=f"threshold {analysis.threshold:.4g}")
     ax.set_yscale("log")
     ax.set_ylim(bottom=0.5)
     ax.set_xlim(0, bins[-1])

@@ -135,7 +135,11 @@ def stage_neurons(ctx: RunContext) -> None:
         raise UserError(f"no register neuron at or below highest_layer={config['highest_layer']}; raise highest_layer")
     total = sum(len(ids) for ids in ctx.selected.values())
     log.info("selected %d register neurons in layers %s", total, sorted(ctx.selected))
-    ctx.detection.save(ctx.options.out / "register_neurons.json", config["highest_layer"], config["top_k"])
+    target = ctx.options.out / "register_neurons.json"
+    if neurons_arg and neurons_arg != "paper" and Path(neurons_arg).resolve() == target.resolve():
+        log.info("register_neurons.json is the --neurons file itself; left as it is")
+    else:
+        ctx.detection.save(target, config["highest_layer"], config["top_k"])
 
 
 def _detect(ctx: RunContext) -> DetectionResult:

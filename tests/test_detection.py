@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import configs
-from common.backbones import load_backbone
 from common.detection import (
     DetectionResult,
     NoOutliersError,
@@ -127,11 +126,6 @@ def to_batch(backbone, images):
 # Models
 
 
-@pytest.fixture(scope="module")
-def clip_random():
-    return load_backbone("clip", configs.CLIP, random_init=True, seed=0)
-
-
 @pytest.fixture(scope="module", params=["clip", "dinov2"])
 def planted(request):
     return make_planted_model(request.param, seed=0)
@@ -155,12 +149,12 @@ def planted_dinov2_result(planted_dinov2):
 # 1. Batched detection == plain per-image detection
 
 
-def test_batched_detection_matches_per_image_on_random_clip_b16(clip_random):
+def test_batched_detection_matches_per_image_on_random_clip_b16(clip_b16):
     """Real CLIP ViT-B/16 architecture, random weights, 4 noisy images whose top rows are
     smooth to different extents (token norms then differ between and within images).  The
     threshold is chosen from the observed layer-k norms so that some images are skipped and
     only some tokens of a counted image count.  Batch size 2 vs one image at a time."""
-    backbone = clip_random
+    backbone = clip_b16                  # conftest: open_clip ViT-B/16, random init, seed 0
     rng = np.random.default_rng(0)
     images = []
     for smooth_rows in (0, 112, 32, 176):
