@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -101,15 +102,61 @@ DEMO_CASES = [(script, model) for script in ("test_pacemaker.py", "test_orthonet
 CHANCE = {"test_pacemaker.py": 1 / 4, "test_orthonet.py": 1 / 4, "test_aptos.py": 1 / 5}
 
 
-@pytest.mark.parametrize("script, model", DEMO_CASES)
-def test_demo_runs_end_to_end(tmp_path, script, model):
-    out = tmp_path / "run"
+# `make demo` runs with the full defaults; here the statistics and figures are trimmed (one probe
+# seed, fewer resamples, one figure image) so that six end-to-end runs fit the suite's budget.
+FAST = ["--set", "probe_seeds=(0,)", "--set", "bootstrap_resamples=200", "--set", "figure_images=1",
+        "--set", "analysis_images=16"]
+
+
+# The end-to-end runs are independent processes: two at a time, one thread each, they finish in
+# about half the time of one after the other on a 2-core machine.
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _demo(base: Path, script: str, model: str):
+    out = base / f"{Path(script).stem}_{model}"
     result = run_script(script, "--demo", "--model", model, "--out", str(out),
-                        "--cache_dir", str(tmp_path / "cache"))
+                        "--cache_dir", str(base / f"cache_{Path(script).stem}_{model}"), *FAST,
+                        env=SINGLE_THREAD)
+    return out, result
+
+
+def _cache_sequence(base: Path) -> dict:
+    """The same demo again, then with another top_k, another backbone, and --no_cache."""
+    out, cache = base / "cached", base / "cache_shared"
+    common = ["--demo", "--out", str(out), "--cache_dir", str(cache), *FAST]
+    steps: dict = {}
+    for name, extra in (("first", ["--model", "clip"]), ("again", ["--model", "clip"]),
+                        ("fewer", ["--model", "clip", "--set", "top_k=2"]),
+                        ("other", ["--model", "dinov2"]), ("ignored", ["--model", "clip", "--no_cache"])):
+        result = run_script("test_orthonet.py", *extra, *common, env=SINGLE_THREAD)
+        steps[name] = result
+        if result.returncode == 0:
+            steps[f"{name}_metrics"] = pd.read_csv(out / "metrics.csv")
+            steps[f"{name}_config"] = json.loads((out / "config.json").read_text())
+    steps["cache_dir"] = cache
+    return steps
+
+
+@pytest.fixture(scope="module")
+def end_to_end(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("end_to_end")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        cache_job = pool.submit(_cache_sequence, base)
+        demo_jobs = {case: pool.submit(_demo, base, *case) for case in DEMO_CASES}
+        runs = {case: job.result() for case, job in demo_jobs.items()}
+        runs["cache"] = cache_job.result()
+    return runs
+
+
+@pytest.mark.parametrize("script, model", DEMO_CASES)
+def test_demo_runs_end_to_end(end_to_end, script, model):
+    out, result = end_to_end[(script, model)]
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.json", "register_neurons.json", "splits.csv", "metrics.csv",
-                 "predictions_no-ttr.csv", "predictions_ttr.csv", "summary.md"):
+                 "predictions_no-ttr.csv", "predictions_ttr.csv", "summary.md", "outliers.csv"):
         assert (out / name).is_file(), name
+    assert list((out / "figures").glob("*.png"))
     config = json.loads((out / "config.json").read_text())
     assert config["demo"] is True
     planted = {tuple(pair) for pair in config["planted"]}
@@ -139,36 +186,25 @@ def _reused(stdout: str) -> tuple[int, int]:
     return int(words[2]), int(words[4])
 
 
-def test_feature_cache_reuse_and_invalidation(tmp_path):
-    out, cache = tmp_path / "run", tmp_path / "cache"
-    common = ["--demo", "--out", str(out), "--cache_dir", str(cache), "--set", "probe_seeds=(0,)",
-              "--set", "bootstrap_resamples=50"]
-    first = run_script("test_orthonet.py", "--model", "clip", *common)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert _reused(first.stdout) == (0, 6)
-    metrics_first = pd.read_csv(out / "metrics.csv")
+def test_feature_cache_reuse_and_invalidation(end_to_end):
+    steps = end_to_end["cache"]
+    for name in ("first", "again", "fewer", "other", "ignored"):
+        assert steps[name].returncode == 0, (name, steps[name].stderr[-2000:])
+    assert _reused(steps["first"].stdout) == (0, 6)
 
-    again = run_script("test_orthonet.py", "--model", "clip", *common)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert _reused(again.stdout) == (6, 6)
-    assert "extraction skipped" in again.stderr
+    assert _reused(steps["again"].stdout) == (6, 6)
+    assert "extraction skipped" in steps["again"].stderr
     # Same inputs, same seeds: the same numbers.
-    pd.testing.assert_frame_equal(metrics_first, pd.read_csv(out / "metrics.csv"))
+    pd.testing.assert_frame_equal(steps["first_metrics"], steps["again_metrics"])
 
     # A different neuron selection changes only the ttr features.
-    fewer = run_script("test_orthonet.py", "--model", "clip", *common, "--set", "top_k=2")
-    assert fewer.returncode == 0, fewer.stderr[-2000:]
-    assert _reused(fewer.stdout) == (3, 6)
-    hits = json.loads((out / "config.json").read_text())["feature_cache_hits"]
+    assert _reused(steps["fewer"].stdout) == (3, 6)
+    hits = steps["fewer_config"]["feature_cache_hits"]
     assert all(hits[f"no-ttr/{s}"] == 1 and hits[f"ttr/{s}"] == 0 for s in ("train", "val", "test"))
 
     # Another backbone shares nothing.
-    other = run_script("test_orthonet.py", "--model", "dinov2", *common)
-    assert other.returncode == 0, other.stderr[-2000:]
-    assert _reused(other.stdout) == (0, 6)
+    assert _reused(steps["other"].stdout) == (0, 6)
 
     # --no_cache ignores what is there.
-    ignored = run_script("test_orthonet.py", "--model", "clip", *common, "--no_cache")
-    assert ignored.returncode == 0
-    assert _reused(ignored.stdout)[0] == 0
-    assert not list(cache.glob(".features-*"))  # no temporary files left behind
+    assert _reused(steps["ignored"].stdout)[0] == 0
+    assert not list(steps["cache_dir"].glob(".features-*"))  # no temporary files left behind
