@@ -5,11 +5,14 @@
     python benchmarks/throughput.py --model dinov2 --quick --json bench_dinov2.json
 
 The real architectures (open_clip ViT-B/16, timm DINOv2 ViT-L/14 at 224 px) are built with
-random weights (``load_backbone(..., random_init=True)``) and fed synthetic images.  Every ratio
-compares two *sides* run on the same images in the same process.  One *round* runs every side
-once; the order of the sides is reversed on every other round (A B .. B A ..), so slow drifts of
-a shared machine hit both sides of a ratio alike.  A ratio is computed per round and reported
-as the median over the rounds with min, max and interquartile range.
+random weights (``load_backbone(..., random_init=True)``) and fed synthetic images.  Every timed
+ratio compares two *sides* run on the same images in the same process, timed with
+``time.perf_counter`` under ``torch.no_grad`` with torch's default thread count.  One *round*
+runs every side once, in an order that makes the two sides of each ratio neighbours in time;
+every other round runs the order backwards (A B .. B A ..), so drifts of a shared machine hit
+both sides alike.  A ratio is computed per round and reported as the median over the rounds
+with min, max and interquartile range (process CPU-time ratios are reported alongside).  The
+stock forward is timed twice per round: that A/A ratio is the noise floor of the run.
 
 =======================  =====================================================  ==========
 key                      side A / side B                                        target
@@ -17,14 +20,14 @@ key                      side A / side B                                        
 hooked_over_stock        ``extract_features`` R=0, no intervention /            <= 1.02
                          ``backbone.stock_forward`` (the library's own forward)
 ttr_over_no_ttr          ``extract_features`` R=1 + intervention on top_k        <= 1.05
-                         neurons in layers <= highest_layer / the same, no-ttr
+                         random neurons in layers <= highest_layer / no-ttr
 detect_over_forward      ``detect_register_neurons`` / stock forward, same      <= 1.25
                          batches (``detection_batch_size``)
 reference_over_detect    the reference repo's way (pinned by SPEC §9) / ours    >= 1.3
-cached_over_first        all (mode, split) features from ``FeatureCache`` /     <= 0.05
-                         extracting them from PNGs on disk (decode included)
-memory_4n_over_n         detection peak RSS on 4N images / on N images, each    <= 1.1
-                         in a fresh subprocess
+cached_over_first        all (mode, split) features of a run from               <= 0.05
+                         ``FeatureCache`` / extracting them from PNGs on disk
+memory_4n_over_n         detection peak RSS on 4N images / on N images, in a    <= 1.1
+                         fresh subprocess (interleaved N, 4N runs)
 =======================  =====================================================  ==========
 
 The reference side is written here with plain torch hooks, as the reference repository does
@@ -86,13 +89,13 @@ TARGETS: dict[str, tuple[str, float]] = {
 # train/val/test split of the cached-vs-first run; memory_*: N, its batch size and the number of
 # interleaved (N, 4N) measurements.
 PRESETS = {
-    ("clip", True): {"images": 4, "rounds": 7, "heavy_rounds": 5, "splits": (1, 1, 1),
+    ("clip", True): {"images": 4, "rounds": 21, "heavy_rounds": 7, "splits": (1, 1, 1),
                      "memory_n": 2, "memory_batch": 2, "memory_pairs": 5},
-    ("clip", False): {"images": 16, "rounds": 11, "heavy_rounds": 7, "splits": (8, 4, 4),
+    ("clip", False): {"images": 16, "rounds": 21, "heavy_rounds": 9, "splits": (8, 4, 4),
                       "memory_n": 16, "memory_batch": 16, "memory_pairs": 5},
-    ("dinov2", True): {"images": 2, "rounds": 5, "heavy_rounds": 5, "splits": (1, 1, 1),
+    ("dinov2", True): {"images": 2, "rounds": 11, "heavy_rounds": 5, "splits": (1, 1, 1),
                        "memory_n": 1, "memory_batch": 1, "memory_pairs": 5},
-    ("dinov2", False): {"images": 8, "rounds": 9, "heavy_rounds": 5, "splits": (4, 2, 2),
+    ("dinov2", False): {"images": 8, "rounds": 15, "heavy_rounds": 7, "splits": (4, 2, 2),
                         "memory_n": 8, "memory_batch": 8, "memory_pairs": 5},
 }
 MIN_ROUNDS = 5
@@ -100,10 +103,13 @@ MIN_ROUNDS = 5
 TIMED_RATIOS = {
     "hooked_over_stock": ("no_ttr", "stock"),
     "ttr_over_no_ttr": ("ttr", "no_ttr"),
-    "detect_over_forward": ("detect", "stock"),
+    "detect_over_forward": ("detect", "stock_b"),
     "reference_over_detect": ("reference", "detect"),
     "cached_over_first": ("cached", "first"),
 }
+# Not a target: the stock forward timed twice in a row (A/A).  Its spread is the noise floor of
+# this machine at the moment of the run; a ratio within it of its target is not resolved.
+CONTROL_RATIO = {"stock_b_over_stock": ("stock_b", "stock")}
 IMAGE_SEED = 1234
 NEURON_SEED = 0
 PNG_SIZE = 96
@@ -467,11 +473,12 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
                     raise RuntimeError(f"cache miss for {mode}/{split}")
 
     # The order makes both sides of every ratio neighbours in time: ttr | no_ttr | stock |
-    # detect | reference is a chain (ttr/no_ttr, no_ttr/stock, detect/stock, reference/detect),
-    # then first | cached.  Odd rounds run the same order backwards (round 0 runs "first"
+    # stock_b | detect | reference is a chain (ttr/no_ttr, no_ttr/stock, stock_b/stock (the
+    # A/A control), detect/stock_b, reference/detect), then first | cached.  Odd rounds run the same order backwards (round 0 runs "first"
     # before "cached", so the cache is filled before it is read).  The costly sides run in the
     # first ``heavy_rounds`` rounds only; a ratio uses the rounds that ran both of its sides.
-    sides = {"ttr": side_ttr, "no_ttr": side_no_ttr, "stock": side_stock, "detect": side_detect,
+    sides = {"ttr": side_ttr, "no_ttr": side_no_ttr, "stock": side_stock, "stock_b": side_stock,
+             "detect": side_detect,
              "reference": side_reference, "first": side_first, "cached": side_cached}
     heavy = {"reference", "first", "cached"}
     wall: dict[str, dict[int, float]] = {name: {} for name in sides}
@@ -502,6 +509,8 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
 
     per_round = {key: paired(wall, *sides_) for key, sides_ in TIMED_RATIOS.items()}
     cpu_ratios = {key: summarise(paired(cpu, *sides_)) for key, sides_ in TIMED_RATIOS.items()}
+    control = {key: {**summarise(paired(wall, *sides_)), "cpu_time": summarise(paired(cpu, *sides_))}
+               for key, sides_ in CONTROL_RATIO.items()}
 
     memory_n, memory_batch, pairs = preset["memory_n"], preset["memory_batch"], preset["memory_pairs"]
     log(f"[{model}] memory: one fresh subprocess, {pairs} interleaved (N, 4N) pairs, N={memory_n}, "
@@ -528,6 +537,7 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
         "all_met": all(r["met"] for r in ratios.values()),
         "ratios": ratios,
         "cpu_time_ratios": cpu_ratios,
+        "noise_control": control,
         "images_per_s": {
             "stock_forward": rate("stock", n_images),
             "no_ttr_extraction": rate("no_ttr", n_images),
@@ -544,7 +554,7 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
             "threshold": threshold, "detect_layer": config["detect_outliers_layer"],
             "register_neurons": {str(k): v for k, v in selected.items()},
             "num_registers": num_registers, "backbone_load_s": load_s,
-            "order": "ttr, no_ttr, stock, detect, reference, first, cached; reversed on odd rounds",
+            "order": "ttr, no_ttr, stock, stock_b, detect, reference, first, cached; reversed on odd rounds",
         },
         "reference_agreement": agreement,
         "memory": memory,
@@ -571,6 +581,9 @@ def print_table(result: dict) -> None:
         print(f"   {key:<24}{r['median']:>9.4f}{r['min']:>9.4f}{r['q1']:>9.4f}{r['q3']:>9.4f}"
               f"{r['max']:>9.4f}  {r['repeats']:>2}  {r['target']:<9} {'yes' if r['met'] else 'NO ':<4}"
               f"{'' if cpu_median is None else f'{cpu_median:>15.4f}'}")
+    for key, r in result["noise_control"].items():
+        print(f"   {key + ' (A/A)':<24}{r['median']:>9.4f}{r['min']:>9.4f}{r['q1']:>9.4f}{r['q3']:>9.4f}"
+              f"{r['max']:>9.4f}  {len(r['values']):>2}  {'noise':<9} {'':<4}{r['cpu_time']['median']:>15.4f}")
     print("   images/s: " + ", ".join(f"{k} {v:.3f}" for k, v in result["images_per_s"].items()))
     agreement = result["reference_agreement"]
     print(f"   reference vs ours: max |score diff| {agreement['max_abs_diff']:.2e}, "
@@ -584,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("clip", "dinov2", "both"), default="both")
-    parser.add_argument("--quick", action="store_true", help="few images, 5 rounds (about 10 min or less)")
+    parser.add_argument("--quick", action="store_true", help="few images and rounds: a few minutes per model on a quiet 2-core CPU")
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the cheap sides (>= 5)")
     parser.add_argument("--heavy_rounds", type=int, help="rounds that also run reference/first/cached (>= 5)")

@@ -235,6 +235,38 @@ def collect_norms(hooked: HookedViT, batches: Iterable[torch.Tensor], detect_lay
     return np.concatenate(collected) if collected else np.zeros(0)
 
 
+# Bytes of gathered outlier rows processed at once (several layers per kernel when they fit).
+_GATHER_CHUNK_BYTES = 64 << 20
+
+
+def _layer_scores(acts: list[torch.Tensor], outliers: torch.Tensor, per_image: torch.Tensor,
+                  sparsity: bool) -> torch.Tensor:
+    """Per-image scores ``[L, B, D]`` of one batch: mean |activation| over each image's outlier
+    positions, times the sparsity filter.  An image without an outlier position scores 0.
+
+    Written for few kernel launches per layer (on a busy CPU every parallel kernel can cost a
+    scheduler time slice, whatever its size): only the rows at the outlier positions are
+    gathered (one kernel per layer) and scored for several layers at once; the count of
+    ``activation < 0.5`` over the N positions is a batched matmul on a reused 0/1 buffer (exact
+    in float32 for N < 2**24).
+    """
+    batch, tokens, width = acts[0].shape
+    image_of, token_of = outliers.nonzero(as_tuple=True)                 # [M] outlier positions
+    weights = (1.0 / per_image[image_of].to(acts[0].dtype))[None, :, None]  # [1, M, 1]
+    scores = acts[0].new_zeros(len(acts), batch, width)                  # [L, B, D]
+    step = max(1, _GATHER_CHUNK_BYTES // max(1, image_of.numel() * width * acts[0].element_size()))
+    for start in range(0, len(acts), step):
+        rows = torch.stack([a[image_of, token_of] for a in acts[start:start + step]])  # [l, M, D]
+        scores[start:start + step].index_add_(1, image_of, rows.abs_().mul_(weights))
+    if sparsity:
+        scratch = torch.empty_like(acts[0])
+        ones = acts[0].new_ones(batch, 1, tokens)
+        silent = torch.stack([torch.bmm(ones, torch.lt(a, SPARSE_ACTIVATION, out=scratch))[:, 0]
+                              for a in acts])                            # [L, B, D]
+        scores.mul_(silent >= SPARSE_FRACTION * tokens)
+    return scores
+
+
 @torch.no_grad()
 def detect_register_neurons(
     hooked: HookedViT,
@@ -262,32 +294,12 @@ def detect_register_neurons(
         max_norm = max(max_norm, float(norms.max()))
         outliers = norms > threshold                                     # [B, N]
         per_image = outliers.sum(dim=1)                                  # [B]
-        keep = per_image > 0
         used += images.shape[0]
-        if bool(keep.any()):
-            # Subset only when an image has no outlier (an index copy of every layer otherwise).
-            rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
-            if rows is not None:
-                outliers, per_image = outliers.index_select(0, rows), per_image.index_select(0, rows)
-            weights = (outliers.to(norms.dtype) / per_image[:, None].to(norms.dtype))[:, None, :]  # [b, 1, N]
-            # One scratch buffer per batch, reused by every layer: |activation|, then the 0/1
-            # mask of activation < 0.5.  Both reductions over tokens are batched matmuls
-            # (reducing a fresh bool tensor over N is ~50x slower on CPU); the count is exact
-            # in float32 for N < 2**24.
-            scratch = ones = None
-            for layer in layers:
-                activations = cache[("neurons", layer)]                  # [B, N, D]
-                if rows is not None:
-                    activations = activations.index_select(0, rows)      # [b, N, D]
-                if scratch is None:
-                    scratch = torch.empty_like(activations)
-                    ones = activations.new_ones(activations.shape[0], 1, activations.shape[1])
-                scores = torch.bmm(weights, torch.abs(activations, out=scratch))[:, 0]  # [b, D]
-                if sparsity:
-                    silent = torch.bmm(ones, torch.lt(activations, SPARSE_ACTIVATION, out=scratch))[:, 0]
-                    scores = scores * (silent >= SPARSE_FRACTION * activations.shape[1])
-                score_sums[layer] += scores.sum(dim=0, dtype=torch.float64)
-            counted += int(keep.sum())
+        if bool(per_image.any()):
+            # (no local name keeps this batch's activations alive into the next forward)
+            score_sums += _layer_scores([cache[("neurons", layer)] for layer in layers], outliers,
+                                        per_image, sparsity).sum(dim=1, dtype=torch.float64)
+            counted += int((per_image > 0).sum())
         del cache
         if progress is not None:
             progress.update(images.shape[0])
