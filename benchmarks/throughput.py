@@ -443,16 +443,23 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
     def side_ttr():
         extract_features(hooked, batches, num_registers=num_registers, intervention=intervention)
 
+    # Only the first result of each is kept (for the agreement check): a growing pile of
+    # rankings (L x D Python tuples each) would slow Python's garbage collector, and with it
+    # every later side.
     detection_outputs: list = []
 
     def side_detect():
-        detection_outputs.append(detect_register_neurons(
-            hooked, batches, detect_layer=config["detect_outliers_layer"], threshold=threshold))
+        result = detect_register_neurons(hooked, batches, detect_layer=config["detect_outliers_layer"],
+                                         threshold=threshold)
+        if not detection_outputs:
+            detection_outputs.append(result)
 
     reference_outputs: list = []
 
     def side_reference():
-        reference_outputs.append(reference_detection(backbone, stacked, detect_index, threshold))
+        result = reference_detection(backbone, stacked, detect_index, threshold)
+        if not reference_outputs:
+            reference_outputs.append(result)
 
     def side_first():
         for mode in MODES:

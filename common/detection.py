@@ -165,7 +165,8 @@ def rank_scores(scores: np.ndarray) -> list[tuple[int, int, float]]:
     layers, neurons = np.meshgrid(np.arange(scores.shape[0]), np.arange(scores.shape[1]), indexing="ij")
     flat_scores, flat_layers, flat_neurons = scores.ravel(), layers.ravel(), neurons.ravel()
     order = np.lexsort((flat_neurons, flat_layers, -flat_scores))
-    return [(int(flat_layers[i]), int(flat_neurons[i]), float(flat_scores[i])) for i in order]
+    # .tolist() gives the same Python ints and floats as int()/float() per element, ~10x faster
+    return list(zip(flat_layers[order].tolist(), flat_neurons[order].tolist(), flat_scores[order].tolist()))
 
 
 def suggest_threshold(norms: np.ndarray) -> tuple[float, str]:
