@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -51,7 +50,7 @@ class RunContext:
     features: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
     planted: list[tuple[int, int]] = field(default_factory=list)
     cache_hits: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    probe_choices: dict[str, list[dict]] = field(default_factory=dict)   # mode -> chosen lr/wd per seed
 
 
 def _stage(name: str) -> None:
@@ -258,9 +257,7 @@ def stage_probe_and_metrics(ctx: RunContext) -> pd.DataFrame:
                          n_boot=config["bootstrap_resamples"], seed=config["seed"])
     table_out = metrics_table(results, tests)
     _write_csv(table_out, ctx.options.out / "metrics.csv")
-    ctx.notes.append(json.dumps({"probe_hyperparameters": chosen}, default=float))
-    ctx.probe_choices = chosen  # type: ignore[attr-defined]
-    ctx.paired = tests  # type: ignore[attr-defined]
+    ctx.probe_choices = chosen
     return table_out
 
 
@@ -323,6 +320,8 @@ def write_config(ctx: RunContext, status: str) -> None:
         data["planted"] = [list(pair) for pair in ctx.planted]
     if ctx.cache_hits:
         data["feature_cache_hits"] = ctx.cache_hits
+    if ctx.probe_choices:
+        data["probe_hyperparameters"] = ctx.probe_choices
     write_json_atomic(ctx.options.out / "config.json", data)
 
 
