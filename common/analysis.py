@@ -1,24 +1,22 @@
-"""Outlier statistics and figures of a run: what the high-norm tokens do, no-ttr beside ttr.
+"""Outlier statistics and figures of a run: what the high-norm tokens do, mode beside mode.
 
-One pass over a fixed, seeded subset of the TEST images per mode (``no-ttr``: R = 0, no
-intervention; ``ttr``: R = ``num_registers`` with the register-neuron intervention), in
-batches, keeping only per-image reductions (never the activations themselves):
+One pass per mode over a fixed, seeded subset of the TEST images, in batches, keeping only
+per-image reductions (never the activations themselves):
 
 * per layer, the largest **image-patch** norm (L2 norm of the block output) per image;
 * per layer, the largest CLS -> image-patch attention per image: the maximum over heads *and*
-  image patches of the post-softmax CLS attention row (raw probabilities, not renormalised;
-  the single most-attended patch in any head);
-* at the detect layer (``detect_outliers_layer``), every image-patch norm and the test-time
-  register norms (for the histogram and ``patch_share_above_threshold``);
+  image patches of the post-softmax CLS attention row (raw probabilities, not renormalised);
+* at the detect layer, every image-patch norm and the test-time register norms (for the
+  histogram and ``patch_share_above_threshold``);
 * in the last layer, per image: the entropy of the CLS attention over image patches
-  (renormalised over the image patches, natural log, averaged over heads; the maximum is
-  ln P for P patches) and the share of CLS attention on the test-time register token(s)
+  (renormalised over the image patches, natural log, averaged over heads; uniform attention
+  gives ln P for P patches) and the share of CLS attention on the test-time register(s)
   (summed over registers, averaged over heads);
 * for the first ``figure_images`` images only: the image-patch norm map of every layer and the
-  last layer's CLS attention map per head (for :mod:`common.plots`).
+  CLS attention maps per head at the detect layer and the last layer (for :mod:`common.plots`).
 
-"Image patches" are ``HookedViT.token_layout(R)["patches"]``: CLS, the trained registers of
-``*_reg`` models and the test-time registers are all left out.
+"Image patches" exclude CLS, the trained registers of ``*_reg`` / DINOv3 models and the
+test-time registers.
 
 ``outliers.csv`` (one row per mode, SPEC §7):
 
@@ -27,31 +25,32 @@ batches, keeping only per-image reductions (never the activations themselves):
                                  at the detect layer is **> threshold** (as in detection)
 ``mean_max_patch_norm``          mean over images of the largest image-patch norm at the detect layer
 ``register_norm``                mean over images and registers of the test-time register norm at
-                                 the detect layer; NaN for no-ttr (there is no register token)
+                                 the detect layer; NaN without a register
 ``cls_attention_entropy``        last-layer CLS attention entropy over image patches (nats)
-``cls_attention_on_register``    last-layer share of CLS attention on the register token(s);
-                                 NaN for no-ttr (there is no register token to attend to)
+``cls_attention_on_register``    last-layer share of CLS attention on the test-time register(s);
+                                 NaN without a register
 ==============================  ==============================================================
+
+:func:`analyse` receives what it needs - the hooked backbone, the images and each mode's
+registers and hook functions - not a run.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from common.backbones import Backbone
-from common.features import MODES, image_loader
-from common.hooks import Capture, HookedViT
-from common.intervention import Intervention
+from common.hooks import HookedViT, HookFn, attn_cls_pattern, resid_post
+from common.io import write_csv
+from common.modes import BASELINE, TTR
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,9 @@ ANALYSIS_BATCH_CAP = 16
 @dataclass
 class ModeAnalysis:
     """Per-image reductions of one mode.  ``n`` images, ``L`` layers, ``P`` image patches,
-    ``R`` test-time registers, ``H`` heads, ``F`` figure images, grid ``rows x cols``."""
+    ``R`` test-time registers, ``H`` heads, ``F`` figure images, grid ``rows x cols``; the
+    figure attention maps hold two layers: the detect layer and the last layer."""
 
-    mode: str
     num_registers: int
     max_patch_norm: np.ndarray            # [n, L]  largest image-patch norm
     max_cls_patch_attention: np.ndarray   # [n, L]  largest CLS -> image-patch attention (max over heads, patches)
@@ -77,17 +76,26 @@ class ModeAnalysis:
     cls_on_register: np.ndarray           # [n]     last layer, share on the test-time registers, mean over heads
     cls_on_patches: np.ndarray            # [n]     last layer, share on the image patches, mean over heads
     figure_norms: np.ndarray              # [F, L, rows, cols] image-patch norm maps
-    figure_cls_attention: np.ndarray      # [F, H, rows, cols] last-layer CLS attention on image patches
-    figure_cls_on_register: np.ndarray    # [F, H] last-layer CLS attention share on the registers
+    figure_cls_attention: np.ndarray      # [F, 2, H, rows, cols] CLS attention on image patches (detect, last)
+    figure_cls_on_register: np.ndarray    # [F, 2, H] CLS attention share on the registers (detect, last)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ModeAnalysis":
+        values = {f.name: arrays[f.name] for f in fields(cls)}
+        values["num_registers"] = int(values["num_registers"])
+        return cls(**values)
 
 
 @dataclass
 class Analysis:
     """Everything the outlier table and the figures are drawn from."""
 
-    paths: list[str]                      # analysis images, in the order used
+    labels: list[str]                     # analysis images, in the order used (paths relative to the dataset)
     figure_inputs: np.ndarray             # [F, H_px, W_px, 3] in [0, 1], as the model sees them
-    modes: dict[str, ModeAnalysis]
+    modes: dict[str, ModeAnalysis]        # in report order, the baseline first
     threshold: float
     detect_layer: int                     # 0-based
     num_layers: int
@@ -99,74 +107,64 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def figure_paths(self) -> list[str]:
-        return self.paths[: len(self.figure_inputs)]
+    def figure_labels(self) -> list[str]:
+        return self.labels[: len(self.figure_inputs)]
+
+
+@dataclass(frozen=True)
+class ModeSetup:
+    """How a mode runs: its test-time registers and hook functions."""
+
+    num_registers: int
+    fwd_hooks: list[tuple[str, HookFn]]
 
 
 # --------------------------------------------------------------------------------------------
 # the pass
 
 
-def _display_image(backbone: Backbone, tensor: torch.Tensor) -> np.ndarray:
-    """A preprocessed ``[3, H, W]`` tensor back to an ``[H, W, 3]`` image in [0, 1] (undoing the
-    preprocess's Normalize), so maps and image line up patch for patch."""
-    x = tensor.detach().float().cpu()
-    normalize = None
-    for step in getattr(backbone.preprocess, "transforms", []):
-        if type(step).__name__ == "Normalize":
-            normalize = step
-    if normalize is not None:
-        mean = torch.as_tensor(normalize.mean, dtype=x.dtype)[:, None, None]
-        std = torch.as_tensor(normalize.std, dtype=x.dtype)[:, None, None]
-        x = x * std + mean
-    else:
-        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
-    return x.clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 @torch.no_grad()
-def _run_mode(hooked: HookedViT, paths: Sequence[str], mode: str, num_registers: int,
-              intervention: Intervention | None, detect_layer: int, figure_count: int,
-              batch_size: int, num_workers: int, progress: bool) -> tuple[ModeAnalysis, list[np.ndarray]]:
+def _run_mode(hooked: HookedViT, pixels: torch.Tensor, normalise: Callable[[torch.Tensor], torch.Tensor],
+              setup: ModeSetup, detect_layer: int, figure_count: int, batch_size: int,
+              desc: str) -> ModeAnalysis:
     backbone = hooked.backbone
     depth = backbone.num_layers
     rows, cols = backbone.grid_size
-    layout = hooked.token_layout(num_registers)
-    patches, registers = layout["patches"], layout["registers"]
+    layout = hooked.token_layout(setup.num_registers)
+    patches, registers = layout.patch_slice, layout.register_slice
     last = depth - 1
     layers = tuple(range(depth))
-    capture = Capture(residual=layers, cls_attention=layers)
+    names = [resid_post(l) for l in layers] + [attn_cls_pattern(l) for l in layers]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
         "max_norm", "max_att", "detect", "reg", "entropy", "on_reg", "on_patch", "fig_norm", "fig_att", "fig_reg")}
-    inputs: list[np.ndarray] = []
     seen = 0
-    loader = image_loader(paths, backbone.preprocess, batch_size, num_workers, backbone.device)
-    for images in tqdm(loader, desc=f"analysis {mode}", unit="batch", leave=False, disable=not progress):
+    for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+        images = normalise(pixels[start:start + batch_size])
         batch = images.shape[0]
-        _, cache = hooked.run(images.to(backbone.device), num_registers=num_registers,
-                              intervention=intervention, capture=capture)
-        norms = torch.stack([cache[("residual", l)].float().norm(dim=-1) for l in layers], dim=1)  # [B, L, N]
+        _, cache = hooked.run_with_cache(images, names, num_registers=setup.num_registers,
+                                         fwd_hooks=setup.fwd_hooks)
+        norms = torch.stack([cache[resid_post(l)].float().norm(dim=-1) for l in layers], dim=1)  # [B, L, N]
         patch_norms = norms[:, :, patches]                                                     # [B, L, P]
         parts["max_norm"].append(patch_norms.amax(dim=2).cpu().numpy())
         parts["detect"].append(patch_norms[:, detect_layer].cpu().numpy())
         parts["reg"].append(norms[:, detect_layer, registers].cpu().numpy())
-        attention = torch.stack([cache[("cls_attention", l)].float() for l in layers], dim=1)   # [B, L, H, N]
+        attention = torch.stack([cache[attn_cls_pattern(l)] for l in layers], dim=1)          # [B, L, H, N]
         patch_attention = attention[..., patches]                                             # [B, L, H, P]
         parts["max_att"].append(patch_attention.amax(dim=(2, 3)).cpu().numpy())
         final = patch_attention[:, last]                                                      # [B, H, P]
         on_patches = final.sum(dim=-1)                                                        # [B, H]
         p = final / on_patches.clamp_min(1e-30)[..., None]
         entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)                            # [B, H]
-        on_register = attention[:, last, :, registers].sum(dim=-1)                            # [B, H]
+        on_register = attention[:, :, :, registers].sum(dim=-1)                               # [B, L, H]
         parts["entropy"].append(entropy.mean(dim=1).cpu().numpy())
-        parts["on_reg"].append(on_register.mean(dim=1).cpu().numpy())
+        parts["on_reg"].append(on_register[:, last].mean(dim=1).cpu().numpy())
         parts["on_patch"].append(on_patches.mean(dim=1).cpu().numpy())
         take = max(0, min(batch, figure_count - seen))
         if take:
+            shown = patch_attention[:take][:, [detect_layer, last]]                           # [F, 2, H, P]
             parts["fig_norm"].append(patch_norms[:take].reshape(take, depth, rows, cols).cpu().numpy())
-            parts["fig_att"].append(final[:take].reshape(take, final.shape[1], rows, cols).cpu().numpy())
-            parts["fig_reg"].append(on_register[:take].cpu().numpy())
-            inputs.extend(_display_image(backbone, images[i]) for i in range(take))
+            parts["fig_att"].append(shown.reshape(*shown.shape[:3], rows, cols).cpu().numpy())
+            parts["fig_reg"].append(on_register[:take][:, [detect_layer, last]].cpu().numpy())
         seen += batch
         del cache, norms, attention
 
@@ -174,75 +172,66 @@ def _run_mode(hooked: HookedViT, paths: Sequence[str], mode: str, num_registers:
         return np.concatenate(parts[key]) if parts[key] else np.zeros((0, *shape), np.float32)
 
     heads = backbone.num_heads
-    result = ModeAnalysis(
-        mode=mode, num_registers=num_registers,
+    return ModeAnalysis(
+        num_registers=setup.num_registers,
         max_patch_norm=cat("max_norm", (depth,)), max_cls_patch_attention=cat("max_att", (depth,)),
-        detect_patch_norms=cat("detect", (rows * cols,)), register_norms=cat("reg", (num_registers,)),
+        detect_patch_norms=cat("detect", (rows * cols,)), register_norms=cat("reg", (setup.num_registers,)),
         cls_entropy=cat("entropy", ()), cls_on_register=cat("on_reg", ()), cls_on_patches=cat("on_patch", ()),
-        figure_norms=cat("fig_norm", (depth, rows, cols)), figure_cls_attention=cat("fig_att", (heads, rows, cols)),
-        figure_cls_on_register=cat("fig_reg", (heads,)),
+        figure_norms=cat("fig_norm", (depth, rows, cols)),
+        figure_cls_attention=cat("fig_att", (2, heads, rows, cols)), figure_cls_on_register=cat("fig_reg", (2, heads)),
     )
-    return result, inputs
 
 
 def analyse(
-    backbone: Backbone,
-    paths: Sequence[str],
+    hooked: HookedViT,
+    pixels: torch.Tensor,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+    modes: dict[str, ModeSetup],
     *,
+    labels: Sequence[str],
     threshold: float,
     detect_layer: int,
-    neurons: dict[int, list[int]],
-    num_registers: int = 1,
-    scale: float = 1.0,
-    normal_values: str = "zero",
-    intervention: Intervention | None = None,
+    intervened_layers: Sequence[int] = (),
     figure_images: int = 4,
     batch_size: int = ANALYSIS_BATCH_CAP,
-    num_workers: int = 0,
     title: str = "",
-    progress: bool = True,
+    cached: dict[str, ModeAnalysis] | None = None,
 ) -> Analysis:
-    """The analysis pass over ``paths`` (every image counts in the statistics; the first
-    ``figure_images`` are also kept as maps), no-ttr then ttr.
+    """The analysis pass over ``pixels`` (``uint8 [n, 3, H, W]``, labelled by ``labels``): every
+    image counts in the statistics, the first ``figure_images`` are also kept as maps.
 
-    ``detect_layer`` may be negative (counts from the end).  ``intervention`` overrides the
-    one built from ``neurons``, ``scale``, ``normal_values``.  A non-finite ``threshold`` is
-    chosen from the no-ttr detect-layer norms (``common.detection.suggest_threshold``).
+    ``modes``: mode -> :class:`ModeSetup`, the baseline first.  ``detect_layer`` may be negative.
+    A non-finite ``threshold`` is chosen from the baseline's detect-layer norms
+    (:func:`common.detection.suggest_threshold`).  ``cached`` results are used instead of a pass.
     """
-    if num_registers < 1:
-        raise ValueError("ttr needs at least one test-time register (num_registers >= 1)")
-    hooked = HookedViT(backbone)
+    backbone = hooked.backbone
     detect_index = hooked.layer_index(detect_layer)
-    if intervention is None:
-        intervention = Intervention(neurons=dict(neurons), scale=float(scale), normal_values=normal_values)
     batch_size = max(1, min(int(batch_size), ANALYSIS_BATCH_CAP))
-    figure_count = min(int(figure_images), len(paths))
-    modes: dict[str, ModeAnalysis] = {}
-    inputs: list[np.ndarray] = []
-    for mode in MODES:
-        registers, iv = (0, None) if mode == "no-ttr" else (num_registers, intervention)
-        modes[mode], mode_inputs = _run_mode(hooked, paths, mode, registers, iv, detect_index, figure_count,
-                                             batch_size, num_workers, progress)
-        inputs = inputs or mode_inputs
+    figure_count = min(int(figure_images), len(pixels))
+    results: dict[str, ModeAnalysis] = {}
+    for mode, setup in modes.items():
+        if cached and mode in cached:
+            results[mode] = cached[mode]
+        else:
+            results[mode] = _run_mode(hooked, pixels, normalise, setup, detect_index, figure_count, batch_size,
+                                      desc=f"analysis {mode}")
     notes = []
     threshold = float(threshold) if threshold is not None else math.nan
     if not math.isfinite(threshold):
         from common.detection import suggest_threshold
 
-        norms = modes["no-ttr"].detect_patch_norms.ravel()
+        norms = results[next(iter(results))].detect_patch_norms.ravel()
         if norms.size:
             threshold, reason = suggest_threshold(norms)
             notes.append(f"no numeric register_norm_threshold was given; the analysis chose {threshold:.2f} "
-                         f"from the no-ttr detect-layer patch norms ({reason})")
-    rows, cols = backbone.grid_size
+                         f"from the baseline's detect-layer patch norms ({reason})")
+    inputs = pixels[:figure_count].float().div(255).permute(0, 2, 3, 1).numpy()
+    registers = max(setup.num_registers for setup in modes.values())
     return Analysis(
-        paths=list(paths),
-        figure_inputs=np.stack(inputs) if inputs else np.zeros((0, 1, 1, 3), np.float32),
-        modes=modes, threshold=float(threshold), detect_layer=detect_index, num_layers=backbone.num_layers,
-        num_heads=backbone.num_heads, grid=(rows, cols), num_registers=num_registers,
-        intervened_layers=sorted(hooked.layer_index(l) for l, ids in intervention.neurons.items() if len(ids)),
-        title=title, notes=notes,
-    )
+        labels=list(labels), figure_inputs=inputs, modes=results, threshold=float(threshold),
+        detect_layer=detect_index, num_layers=backbone.num_layers, num_heads=backbone.num_heads,
+        grid=tuple(backbone.grid_size), num_registers=registers,
+        intervened_layers=sorted(hooked.layer_index(l) for l in intervened_layers), title=title, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,10 +243,9 @@ def _mean(values: np.ndarray) -> float:
 
 
 def outlier_table(analysis: Analysis) -> pd.DataFrame:
-    """``outliers.csv``: one row per mode (no-ttr, ttr), columns :data:`OUTLIER_COLUMNS`."""
+    """``outliers.csv``: one row per mode, columns :data:`OUTLIER_COLUMNS`."""
     rows = []
-    for mode in MODES:
-        m = analysis.modes[mode]
+    for mode, m in analysis.modes.items():
         norms = m.detect_patch_norms
         share = float((norms > analysis.threshold).mean()) if norms.size and math.isfinite(analysis.threshold) \
             else math.nan
@@ -277,8 +265,7 @@ def layer_curve_table(analysis: Analysis) -> pd.DataFrame:
     """Per mode and layer: mean over images of the largest image-patch norm and of the largest
     CLS -> image-patch attention (the data behind ``figures/layer_curves.png``)."""
     frames = []
-    for mode in MODES:
-        m = analysis.modes[mode]
+    for mode, m in analysis.modes.items():
         frames.append(pd.DataFrame({
             "mode": mode,
             "layer": np.arange(analysis.num_layers),
@@ -289,26 +276,35 @@ def layer_curve_table(analysis: Analysis) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(temporary, index=False)
-    os.replace(temporary, path)
-
-
 def _cell(value: float, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
 
 
+def outlier_effect(table: pd.DataFrame) -> str:
+    """One sentence: the outlier effect of ttr in numbers (share of patches above threshold, CLS
+    attention entropy and share on the register)."""
+    rows = table.set_index("mode")
+    if BASELINE not in rows.index or TTR not in rows.index:
+        return ""
+    before, after = rows.loc[BASELINE], rows.loc[TTR]
+    return (f"Outlier effect: the share of image patches above the norm threshold goes from "
+            f"{_cell(before['patch_share_above_threshold'] * 100, 1)}% (no-ttr) to "
+            f"{_cell(after['patch_share_above_threshold'] * 100, 1)}% (ttr); the last layer's CLS attention "
+            f"entropy over patches from {_cell(before['cls_attention_entropy'], 2)} to "
+            f"{_cell(after['cls_attention_entropy'], 2)} nats, with {_cell(after['cls_attention_on_register'] * 100, 1)}% "
+            "of the CLS attention on the test-time register.")
+
+
 def outlier_markdown(analysis: Analysis, table: pd.DataFrame) -> str:
     """The outlier table as a Markdown section."""
-    max_entropy = math.log(analysis.grid[0] * analysis.grid[1])
+    patches = analysis.grid[0] * analysis.grid[1]
+    max_entropy = math.log(patches)
     lines = [
         "## Outlier tokens and attention",
         "",
-        f"Over {len(analysis.paths)} test images (a fixed, seeded subset). Detect layer "
+        f"Over {len(analysis.labels)} test images (a fixed, seeded subset). Detect layer "
         f"{analysis.detect_layer} (0-based) of {analysis.num_layers}, norm threshold {analysis.threshold:.4g}; "
         f"ttr: {analysis.num_registers} test-time register(s), intervened layers {analysis.intervened_layers}.",
         "",
@@ -328,9 +324,10 @@ def outlier_markdown(analysis: Analysis, table: pd.DataFrame) -> str:
         "per image the largest image-patch norm at the detect layer, averaged. Register norm: the test-time "
         "register's norm at the detect layer (n/a without a register). Entropy: the last layer's CLS "
         "attention renormalised over the image patches, averaged over heads and images "
-        f"(uniform attention gives ln {analysis.grid[0] * analysis.grid[1]} = {max_entropy:.2f}). "
+        f"(uniform attention gives ln {patches} = {max_entropy:.2f}). "
         "CLS attention on register: the share of the last layer's CLS attention that lands on the "
-        "test-time register(s), averaged over heads and images (n/a without a register).",
+        f"test-time register(s), averaged over heads and images (n/a without a register; uniform over all "
+        f"tokens would give about {1 / (patches + 2):.3f}).",
     ]
     for note in analysis.notes:
         lines += ["", f"Note: {note}."]
@@ -344,8 +341,8 @@ def write_outputs(analysis: Analysis, out: Path) -> list[str]:
 
     out = Path(out)
     table = outlier_table(analysis)
-    _write_csv(table, out / "outliers.csv")
-    _write_csv(layer_curve_table(analysis), out / "figures" / "layer_curves.csv")
+    write_csv(out / "outliers.csv", table)
+    write_csv(out / "figures" / "layer_curves.csv", layer_curve_table(analysis))
     figures = plots.write_figures(analysis, out / "figures")
     lines = ["## Figures", ""]
     for name, caption in figures:
@@ -353,49 +350,8 @@ def write_outputs(analysis: Analysis, out: Path) -> list[str]:
     return [outlier_markdown(analysis, table), "\n".join(lines).rstrip()]
 
 
-# --------------------------------------------------------------------------------------------
-# the run's entry point
-
-
 def analysis_paths(test_paths: Sequence[str], count: int, seed: int) -> list[str]:
     """The first ``count`` of a seeded permutation of the (sorted) test images."""
     ordered = sorted(test_paths)
     order = np.random.default_rng(seed).permutation(len(ordered))
     return [ordered[i] for i in order[:count]]
-
-
-def _run_threshold(ctx) -> float:
-    """The threshold the run actually used: the detection's (also an ``auto`` choice), else the
-    configured number, else NaN (chosen from the analysis norms)."""
-    candidates = [getattr(ctx.detection, "threshold", None), ctx.config.get("register_norm_threshold")]
-    for value in candidates:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(number):
-            return number
-    return math.nan
-
-
-def write_analysis(ctx) -> list[str]:
-    """Run the analysis of a finished :class:`common.run.RunContext`; write ``outliers.csv`` and
-    ``figures/``; return the summary sections."""
-    from common.run import _intervention
-
-    config = ctx.config
-    table = ctx.dataset.table
-    test_paths = table.loc[table["split"] == "test", "path"].tolist()
-    count = min(len(test_paths), max(int(config["analysis_images"]), int(config["figure_images"])))
-    if count == 0:
-        return ["## Outlier tokens and attention\n\nSkipped: no test images (or analysis_images = 0)."]
-    paths = analysis_paths(test_paths, count, int(config["seed"]))
-    title = f"{ctx.spec.title}: {ctx.backbone.description}"
-    analysis = analyse(
-        ctx.backbone, paths, threshold=_run_threshold(ctx), detect_layer=int(config["detect_outliers_layer"]),
-        neurons=ctx.selected, num_registers=int(config["num_registers"]), intervention=_intervention(ctx),
-        figure_images=int(config["figure_images"]), batch_size=int(config["batch_size"]),
-        num_workers=int(config["num_workers"]), title=title)
-    sections = write_outputs(analysis, ctx.options.out)
-    log.info("outliers.csv and %d figure(s) written", len(list((ctx.options.out / "figures").glob("*.png"))))
-    return sections

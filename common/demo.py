@@ -1,40 +1,43 @@
 """``--demo``: the whole pipeline on generated data with a planted model (SPEC §8).
 
-The data is written in the real layout of the script's dataset, so the real loader reads it;
+The data is written in the layout most users have of the script's dataset (APTOS three-way
+Kaggle release, OrthoNet Kaggle CSVs, Pacemaker Train/Test folders), so the real loader reads it;
 the backbone is the planted-register fixture of the chosen family.  Nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+from pathlib import Path
 
-from common.fixture import fixture_config, make_planted_model
-from common.options import DatasetSpec
-from common.run import execute
-from common.synthetic import make_synthetic
+from common.fixture import PlantedModel, fixture_config, make_planted_model
 
 log = logging.getLogger(__name__)
 
 # Enough images per class for a probe to learn, few enough for a one-minute run on 2 cores.
 DEMO_IMAGES_PER_CLASS = 40
 DEMO_IMAGE_SIZE = 64
+DEMO_FOLDER = "synthetic_data"
 # The demo's run settings (recorded in config.json; --set still overrides them): the planted
-# model is tiny, so decoding workers cost more than they save, and a shorter probe schedule
-# keeps the demo near a minute.
-DEMO_SETTINGS = {"num_workers": 0, "probe_max_epochs": 60}
+# model is tiny, so decoding workers cost more than they save.
+DEMO_SETTINGS = {"num_workers": 0}
 
 
-def run_demo(spec: DatasetSpec, args: argparse.Namespace, argv: list[str]) -> None:
-    from common.cli import resolve
+def demo_defaults(family: str) -> dict:
+    """Config values a demo runs with before ``--set`` applies: the fixture's and the demo's."""
+    return {**fixture_config(family), **DEMO_SETTINGS}
 
-    options, config = resolve(spec, args, argv, defaults={**fixture_config(args.model), **DEMO_SETTINGS})
-    options.demo = True
-    options.weights = None
-    if options.image_path is None:
-        options.image_path = str(make_synthetic(
-            spec.name, options.out / "synthetic_data", per_class=DEMO_IMAGES_PER_CLASS,
-            image_size=DEMO_IMAGE_SIZE, seed=config["seed"]))
-    log.info("demo: synthetic %s data in %s", spec.name, options.image_path)
-    planted = make_planted_model(args.model, seed=config["seed"])
-    execute(spec, options, config, planted_model=planted)
+
+def demo_data(dataset: str, out: Path, seed: int) -> Path:
+    """The synthetic dataset of a demo under ``out`` (reused when already complete)."""
+    from common.synthetic import make_synthetic
+
+    root = make_synthetic(dataset, Path(out) / DEMO_FOLDER, per_class=DEMO_IMAGES_PER_CLASS,
+                          image_size=DEMO_IMAGE_SIZE, seed=seed)
+    log.info("demo: synthetic %s data in %s", dataset, root)
+    return root
+
+
+def demo_model(family: str, seed: int, precision: str = "fp32") -> PlantedModel:
+    """The planted fixture of ``family`` a demo runs."""
+    return make_planted_model(family, seed=seed, precision=precision)

@@ -1,9 +1,11 @@
 """The planted-register fixture (SPEC §8): small ViTs with register neurons put in by hand.
 
-A randomly initialised (seeded) small ViT of either family gets a circuit that makes a few
-MLP neurons in a middle layer fire strongly on *uniform* background patches and write one large
-vector into the residual stream, so high-norm outlier tokens appear as in pretrained ViTs.
-The ground truth (which neurons) is known, so detection and the intervention can be checked.
+A randomly initialised (seeded) small ViT of any family gets a circuit that makes a few MLP
+neurons in a middle layer fire strongly on *uniform* background patches and write one large
+vector into the residual stream, so high-norm outlier tokens appear as in pretrained ViTs - and,
+as there, the outlier tokens are *attention sinks*: in the later layers the CLS query attends to
+them.  The ground truth (which neurons) is known, so detection, the intervention and the
+attention maps can be checked.
 
 The circuit, in reserved residual dimensions (nothing else writes into them):
 
@@ -17,6 +19,10 @@ The circuit, in reserved residual dimensions (nothing else writes into them):
   starts with a large energy so that it never fires.
 * In block ``planted_layer`` the planted neurons read ``gate - energy`` and, when they fire, write
   a large vector along one random direction: the outlier token.
+* ``CLS_DIM``: only the CLS token carries it.  In every later block one query coordinate per head
+  reads it and the matching key coordinate reads the outlier direction, so CLS attends to
+  whatever token carries the outlier write: the outlier patches without test-time registers,
+  the register under ttr (where the intervention moves the write).
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
+import configs
 from common.backbones import Backbone, backbone_from_module
+from common.families import FamilyAdapter, get_family
 
 FILTER_DIMS = (0, 1, 2, 3)
 ENERGY_DIM = 4
 GATE_DIM = 5
-RESERVED_DIMS = FILTER_DIMS + (ENERGY_DIM, GATE_DIM)
+CLS_DIM = 6
+RESERVED_DIMS = FILTER_DIMS + (ENERGY_DIM, GATE_DIM, CLS_DIM)
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
@@ -43,19 +51,21 @@ MLP_RATIO = 4.0
 PLANTED_LAYER = 2
 NUM_PLANTED = 3
 
-# Circuit gains (tuned so the planted neurons fire at ~40 on uniform border patches and stay
-# silent elsewhere; see tests/test_fixture.py for the margins they give).
-# timm's DINOv2-style ViT has no norm before the blocks, so its raw filter responses are kept
-# small (they would make textured patches high-norm on their own) and amplified downstream.
-FILTER_GAIN = {"clip": 12.0, "dinov2": 1.5}
-ENERGY_GAIN = {"clip": 3.0, "dinov2": 24.0}
-ENERGY_WRITE = {"clip": 1.0, "dinov2": 0.1}
-GATE_VALUE = {"clip": 6.0, "dinov2": 20.0}
+# Circuit gains shared by every family (the family-specific ones are its adapter's
+# ``planting``; tests/test_fixture.py prints the margins they give).
 CLS_ENERGY = 30.0
 PLANTED_GATE_GAIN = 12.0
 PLANTED_ENERGY_GAIN = 12.0
 PLANTED_BIAS = -4.0
 WRITE_NORM = 1.2
+# Attention sink: the CLS mark, the query gain on it and the key gain on the outlier direction
+# (after each block's pre-attention norm, an outlier token lies almost along the direction).
+CLS_MARK = 8.0
+SINK_QUERY_GAIN = 1.0
+SINK_KEY_GAIN = 1.0
+# Trained registers of the fixture (``trained_registers=4``) are high-norm by design, as in
+# DINOv2-reg and DINOv3: detection must not take them for outliers.
+TRAINED_REGISTER_NORM = 200.0
 
 
 @dataclass
@@ -90,101 +100,57 @@ def _border_mask(grid: int) -> torch.Tensor:
     return mask.flatten()
 
 
-class _Parts:
-    """Family-specific handles on the weights the circuit edits."""
-
-    def __init__(self, family: str, model: nn.Module):
-        self.family, self.model = family, model
-
-    def patch_weight(self) -> torch.Tensor:            # [d, 3, p, p]
-        return self.model.conv1.weight if self.family == "clip" else self.model.patch_embed.proj.weight
-
-    def patch_bias(self) -> torch.Tensor | None:
-        return None if self.family == "clip" else self.model.patch_embed.proj.bias
-
-    def pos_embed(self) -> torch.Tensor:               # [1 + P, d]
-        return self.model.positional_embedding if self.family == "clip" else self.model.pos_embed[0]
-
-    def cls_token(self) -> torch.Tensor:               # [d]
-        return self.model.class_embedding if self.family == "clip" else self.model.cls_token[0, 0]
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.model.transformer.resblocks) if self.family == "clip" else list(self.model.blocks)
-
-    def mlp_in(self, block) -> nn.Linear:
-        return block.mlp.c_fc if self.family == "clip" else block.mlp.fc1
-
-    def mlp_out(self, block) -> nn.Linear:
-        return block.mlp.c_proj if self.family == "clip" else block.mlp.fc2
-
-    def attn_out(self, block) -> nn.Linear:
-        return block.attn.out_proj if self.family == "clip" else block.attn.proj
-
-
-def _build_small(family: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    if family == "clip":
-        from open_clip.transformer import VisionTransformer
-
-        return VisionTransformer(
-            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, width=WIDTH, layers=DEPTH, heads=HEADS,
-            mlp_ratio=MLP_RATIO, output_dim=32,
-        )
-    from timm.models.vision_transformer import VisionTransformer
-
-    # DINOv2-style: layer scale, CLS token in the position embedding, final-norm CLS output.
-    return VisionTransformer(
-        img_size=IMAGE_SIZE, patch_size=PATCH_SIZE, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-        mlp_ratio=MLP_RATIO, init_values=1.0, num_classes=0, qkv_bias=True,
-    )
-
-
 @torch.no_grad()
-def _plant(parts: _Parts, seed: int) -> list[tuple[int, int]]:
+def _plant(adapter: FamilyAdapter, seed: int) -> list[tuple[int, int]]:
     generator = torch.Generator().manual_seed(seed + 1)
     reserved = list(RESERVED_DIMS)
-    blocks = parts.blocks()
+    gains = adapter.planting
+    depth = len(adapter.blocks)
     grid = IMAGE_SIZE // PATCH_SIZE
 
     # Nothing but the circuit writes into the reserved dimensions.
-    for block in blocks:
-        for linear in (parts.attn_out(block), parts.mlp_out(block)):
+    for layer in range(depth):
+        for linear in (adapter.attn_out(layer), adapter.mlp_out(layer)):
             linear.weight[reserved] = 0.0
             if linear.bias is not None:
                 linear.bias[reserved] = 0.0
 
     # Patch embedding: high-pass filters (same on every colour channel) into FILTER_DIMS.
-    weight = parts.patch_weight()
+    weight, bias = adapter.patch_embedding()
     weight[reserved] = 0.0
-    filters = _high_pass_filters(PATCH_SIZE) * FILTER_GAIN[parts.family]
+    filters = _high_pass_filters(PATCH_SIZE) * gains.filter
     for i, dim in enumerate(FILTER_DIMS):
         weight[dim] = filters[i][None].expand(3, -1, -1) / 3 ** 0.5
-    if parts.patch_bias() is not None:
-        parts.patch_bias()[reserved] = 0.0
+    if bias is not None:
+        bias[reserved] = 0.0
 
-    pos = parts.pos_embed()
-    pos[:, reserved] = 0.0
-    pos[1:, GATE_DIM] = _border_mask(grid).float() * GATE_VALUE[parts.family]
-    cls = parts.cls_token()
+    table, first_patch = adapter.position_embedding()
+    table[:, reserved] = 0.0
+    table[first_patch:, GATE_DIM] = _border_mask(grid).float() * gains.gate
+    cls = adapter.cls_embedding()
     cls[reserved] = 0.0
     cls[ENERGY_DIM] = CLS_ENERGY
+    cls[CLS_DIM] = CLS_MARK
+    trained = adapter.trained_register_embedding()
+    if trained is not None:
+        trained[:, reserved] = 0.0
+        trained[:, ENERGY_DIM] = CLS_ENERGY                  # never fires, like CLS
+        trained.mul_(TRAINED_REGISTER_NORM / trained.norm(dim=1, keepdim=True))
 
     # Block planted_layer - 1: |filter| detectors writing the texture energy.
-    energy_block = blocks[PLANTED_LAYER - 1]
-    fc_in, fc_out = parts.mlp_in(energy_block), parts.mlp_out(energy_block)
+    fc_in, fc_out = adapter.mlp_in(PLANTED_LAYER - 1), adapter.mlp_out(PLANTED_LAYER - 1)
     hidden = fc_in.out_features
     energy_neurons = list(range(hidden - 2 * len(FILTER_DIMS), hidden))
     for k, neuron in enumerate(energy_neurons):
         dim, sign = FILTER_DIMS[k // 2], (1.0 if k % 2 == 0 else -1.0)
         fc_in.weight[neuron] = 0.0
-        fc_in.weight[neuron, dim] = sign * ENERGY_GAIN[parts.family]
+        fc_in.weight[neuron, dim] = sign * gains.energy
         fc_in.bias[neuron] = 0.0
         fc_out.weight[:, neuron] = 0.0
-        fc_out.weight[ENERGY_DIM, neuron] = ENERGY_WRITE[parts.family]
+        fc_out.weight[ENERGY_DIM, neuron] = gains.energy_write
 
     # Block planted_layer: the register neurons, reading gate - energy, writing one big vector.
-    block = blocks[PLANTED_LAYER]
-    fc_in, fc_out = parts.mlp_in(block), parts.mlp_out(block)
+    fc_in, fc_out = adapter.mlp_in(PLANTED_LAYER), adapter.mlp_out(PLANTED_LAYER)
     hidden = fc_in.out_features
     planted = sorted(torch.randperm(hidden, generator=generator)[:NUM_PLANTED].tolist())
     direction = torch.randn(fc_out.out_features, generator=generator)
@@ -196,17 +162,39 @@ def _plant(parts: _Parts, seed: int) -> list[tuple[int, int]]:
         fc_in.weight[neuron, ENERGY_DIM] = -PLANTED_ENERGY_GAIN
         fc_in.bias[neuron] = PLANTED_BIAS
         fc_out.weight[:, neuron] = direction
+
+    # Later blocks: the outlier tokens become attention sinks for the CLS query.
+    _plant_sinks(adapter, direction / direction.norm())
     return [(PLANTED_LAYER, int(n)) for n in planted]
 
 
-def fixture_config(family: str, num_planted: int = NUM_PLANTED) -> dict:
-    """The model config the fixture runs with (same keys as ``configs.CLIP`` / ``configs.DINOV2``)."""
-    import configs
+def _plant_sinks(adapter: FamilyAdapter, direction: torch.Tensor) -> None:
+    """In each block after the planted one, per head: query coordinate c reads ``CLS_DIM`` and key
+    coordinate c reads ``direction`` (its rotary partner, if any, is silenced)."""
+    width, heads = adapter.width, adapter.num_heads
+    head_dim = width // heads
+    coordinate, partner = adapter.stable_qk_coordinate()
+    for layer in range(PLANTED_LAYER + 1, len(adapter.blocks)):
+        weight, bias = adapter.qkv_projection(layer)                # [3d, d], [3d]
+        for head in range(heads):
+            query_row = head * head_dim + coordinate
+            key_row = width + head * head_dim + coordinate
+            weight[query_row] = 0.0
+            weight[query_row, CLS_DIM] = SINK_QUERY_GAIN
+            weight[key_row] = direction * SINK_KEY_GAIN
+            rows = [query_row, key_row]
+            if partner is not None:
+                weight[width + head * head_dim + partner] = 0.0
+                rows.append(width + head * head_dim + partner)
+            if bias is not None:
+                bias[rows] = 0.0
 
+
+def fixture_config(family: str, num_planted: int = NUM_PLANTED) -> dict:
+    """The model config the fixture runs with (the keys of the family's dict in ``configs.py``)."""
     base = dict(configs.MODEL_CONFIGS[family])
     base.update({
         "device": "cpu",
-        "detect_outliers_layer": -1 if family == "clip" else -2,
         "register_norm_threshold": 60,
         "highest_layer": PLANTED_LAYER,
         "top_k": num_planted,
@@ -214,14 +202,28 @@ def fixture_config(family: str, num_planted: int = NUM_PLANTED) -> dict:
     return base
 
 
-def make_planted_model(family: str, seed: int = 0, device: str | torch.device = "cpu") -> PlantedModel:
-    """A small ViT of ``family`` (``clip``: open_clip VisionTransformer; ``dinov2``: timm
-    DINOv2-style ViT) with register neurons planted.  Deterministic for ``seed``."""
-    model = _build_small(family, seed)
-    planted = _plant(_Parts(family, model), seed)
+def make_planted_model(family: str, seed: int = 0, device: str | torch.device = "cpu", *,
+                       trained_registers: int | None = None, precision: str = "fp32") -> PlantedModel:
+    """A small ViT of ``family`` with register neurons planted.  Deterministic for ``seed``.
+
+    ``trained_registers`` (families that have them: DINOv2 0 or 4, DINOv3 4) gives the model
+    high-norm trained registers, which detection must ignore.
+    """
+    adapter_class = get_family(family)
+    dims = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, width=WIDTH, depth=DEPTH, heads=HEADS,
+                mlp_ratio=MLP_RATIO)
+    if trained_registers is not None:
+        dims["trained_registers"] = trained_registers
+    model = adapter_class.build_small(seed, **dims)
+    adapter = adapter_class(model)
+    planted = _plant(adapter, seed)
+    # a text tower for zero-shot demos (families with one), in the pooled feature's space
+    text = adapter_class.small_text_encoder(int(adapter.project(torch.zeros(1, WIDTH)).shape[-1]), seed)
+    registers = "" if trained_registers is None else f", {trained_registers} trained registers"
     backbone = backbone_from_module(
-        family, model, description=f"planted {family} fixture (seed {seed})",
-        weights_id=f"planted-{family}-seed-{seed}", device=device)
+        family, model, description=f"planted {family} fixture (seed {seed}{registers})",
+        weights_id=f"planted-{family}-seed-{seed}{registers.replace(', ', '-').replace(' ', '-')}",
+        device=device, precision=precision, text=text)
     return PlantedModel(backbone=backbone, config=fixture_config(family), planted=planted, family=family)
 
 

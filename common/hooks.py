@@ -1,234 +1,280 @@
-"""The hook manager: read a ViT's internals, append test-time registers, intervene on neurons.
+"""Named hook points on a ViT, in the spirit of TransformerLens's ``HookPoint`` /
+``run_with_cache`` / ``run_with_hooks``: read a model's internals, append test-time registers,
+and change activations with user hook functions, all scoped to one call or ``with`` block.
 
-Hooks live only inside :meth:`HookedViT.hooks` (a context manager) and are removed when it
-exits, also on error.  No library file or class is changed.  Hook points per family:
+Hook points (``l`` is a 0-based block index; a negative index counts from the end and is stored
+under its 0-based name):
 
-==================  =====================================  ====================================
-what                open_clip VisionTransformer             timm VisionTransformer (DINOv2)
-==================  =====================================  ====================================
-register append     pre-hook on ``ln_pre`` (after pos emb)  hook on ``patch_drop`` (after
-                                                            ``_pos_embed``)
-layer output        hook on ``transformer.resblocks[l]``   hook on ``blocks[l]``
-neuron activations  pre-hook on ``mlp.c_proj`` (after GELU) pre-hook on ``mlp.fc2`` (after act /
-                                                            SwiGLU gate)
-attention           pre-hook on ``attn`` (nn.MHA): q, k     hook on ``attn.qkv``: q, k from its
-                    recomputed from ``in_proj``             output, through ``q_norm``/``k_norm``
-final tokens        hook on ``ln_post``                     hook on ``norm``
-==================  =====================================  ====================================
+=====================================  ===================  ===============================================
+name                                   shape                what
+=====================================  ===================  ===============================================
+``hook_registers``                     ``[B, N + R, d]``    tokens right after the position embedding, the
+                                                            R test-time registers appended as zeros
+``blocks.{l}.hook_resid_post``         ``[B, N, d]``        residual stream after block l
+``blocks.{l}.mlp.hook_post``           ``[B, N, D_mlp]``    MLP hidden units as fed to the output projection
+                                                            (after the activation; SwiGLU's gated product)
+``blocks.{l}.attn.hook_pattern``       ``[B, H, N, N]``     post-softmax attention probabilities
+``blocks.{l}.attn.hook_cls_pattern``   ``[B, H, N]``        the CLS query's row of it (cheap)
+``hook_final``                         ``[B, N, d]``        final-norm tokens
+=====================================  ===================  ===============================================
 
-Reading leaves the model's output bit-for-bit unchanged: the read hooks return nothing, and
-attention is recomputed on the side only when asked for (the fused kernels never materialise it).
+(N counts CLS, trained registers, patches and the R test-time registers.)  A hook function is
+``fn(tensor, name) -> tensor | None``: returning a tensor replaces the activation (not allowed
+at the attention points, which are computed on the side and read-only).  Reading leaves the
+model's output bit-for-bit unchanged.  Attention is only computed when one of its points is
+asked for.  Every hook is removed when the call or ``with`` block ends, also on error.  Where
+each point attaches is the family adapter's business (:mod:`common.families`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from torch import nn
 
-from common.backbones import Backbone, mlp_output_projection
-from common.intervention import Intervention, apply_intervention
+from common.backbones import Backbone
+
+REGISTERS = "hook_registers"
+FINAL = "hook_final"
+
+HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
+
+_LAYER_POINTS = {
+    "resid_post": "blocks.{}.hook_resid_post",
+    "mlp_post": "blocks.{}.mlp.hook_post",
+    "attn_pattern": "blocks.{}.attn.hook_pattern",
+    "attn_cls_pattern": "blocks.{}.attn.hook_cls_pattern",
+}
+_NAME = re.compile(r"blocks\.(-?\d+)\.(hook_resid_post|mlp\.hook_post|attn\.hook_pattern|attn\.hook_cls_pattern)$")
+_KIND_OF_SUFFIX = {template.split("}.", 1)[1]: kind for kind, template in _LAYER_POINTS.items()}
+
+
+def resid_post(layer: int) -> str:
+    return _LAYER_POINTS["resid_post"].format(layer)
+
+
+def mlp_post(layer: int) -> str:
+    return _LAYER_POINTS["mlp_post"].format(layer)
+
+
+def attn_pattern(layer: int) -> str:
+    return _LAYER_POINTS["attn_pattern"].format(layer)
+
+
+def attn_cls_pattern(layer: int) -> str:
+    return _LAYER_POINTS["attn_cls_pattern"].format(layer)
 
 
 @dataclass(frozen=True)
-class Capture:
-    """What one forward records.  Layers are 0-based; negative layers count from the end."""
+class TokenLayout:
+    """Where each kind of token sits inside a block for R test-time registers."""
 
-    residual: tuple[int, ...] = ()        # block outputs                  [B, N, d]
-    neurons: tuple[int, ...] = ()         # MLP hidden units               [B, N, D_mlp]
-    attention: tuple[int, ...] = ()       # attention probabilities        [B, H, N, N]
-    cls_attention: tuple[int, ...] = ()   # CLS query row only (cheap)     [B, H, N]
-    final_tokens: bool = False            # final-norm tokens              [B, N, d]
+    prefix: int          # CLS + trained registers (1 + T)
+    patches: int         # P
+    registers: int       # R
+
+    @property
+    def cls(self) -> slice:
+        return slice(0, 1)
+
+    @property
+    def trained_registers(self) -> slice:
+        return slice(1, self.prefix)
+
+    @property
+    def patch_slice(self) -> slice:
+        return slice(self.prefix, self.prefix + self.patches)
+
+    @property
+    def register_slice(self) -> slice:
+        return slice(self.prefix + self.patches, self.prefix + self.patches + self.registers)
+
+    @property
+    def total(self) -> int:
+        return self.prefix + self.patches + self.registers
+
+    def candidates(self, device: torch.device | None = None) -> torch.Tensor:
+        """Bool ``[N]``: CLS and the image patches (what detection looks at, SPEC §5)."""
+        mask = torch.zeros(self.total, dtype=torch.bool, device=device)
+        mask[0] = True
+        mask[self.patch_slice] = True
+        return mask
 
 
 class ActivationCache(dict):
-    """``{(kind, layer): tensor}`` filled by the hooks; ``kind`` is one of ``residual``,
-    ``neurons``, ``attention``, ``cls_attention``, ``final_tokens`` (layer ``None``)."""
+    """``{hook point name: tensor}`` filled during a forward; looked up by any spelling of a
+    name (``blocks.-1.hook_resid_post`` finds the last block's entry)."""
 
-    def __getitem__(self, key):  # a clearer error than a bare KeyError tuple
+    def __init__(self, canonical: Callable[[str], str] = lambda name: name):
+        super().__init__()
+        self._canonical = canonical
+
+    def __getitem__(self, name):  # a clearer error than a bare KeyError
         try:
-            return super().__getitem__(key)
-        except KeyError:
-            raise KeyError(f"{key!r} was not captured; ask for it in Capture(...)") from None
+            return super().__getitem__(self._canonical(name))
+        except (KeyError, ValueError, IndexError):
+            raise KeyError(f"{name!r} was not cached; ask for it in the names to cache") from None
 
-
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``[B, N, H*dh] -> [B, H, N, dh]``."""
-    batch, tokens, width = x.shape
-    return x.reshape(batch, tokens, num_heads, width // num_heads).transpose(1, 2)
-
-
-def _softmax_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``q [B, H, Nq, dh]``, ``k [B, H, N, dh]`` -> probabilities ``[B, H, Nq, N]``."""
-    scale = q.shape[-1] ** -0.5
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    def __contains__(self, name) -> bool:
+        try:
+            return super().__contains__(self._canonical(name))
+        except (ValueError, IndexError):
+            return False
 
 
 class HookedViT:
-    """Scoped hooks over a :class:`Backbone` (in the spirit of TransformerLens's ``run_with_cache``).
+    """Named, scoped hook points over a :class:`Backbone`.
 
     >>> hooked = HookedViT(backbone)
-    >>> pooled, cache = hooked.run(images, capture=Capture(residual=(-1,)))
-    >>> with hooked.hooks(num_registers=1, intervention=iv) as cache:
+    >>> pooled, cache = hooked.run_with_cache(images, [resid_post(-1), FINAL])
+    >>> pooled = hooked.run_with_hooks(images, [(mlp_post(5), my_fn)], num_registers=1)
+    >>> with hooked.hooks(fwd_hooks=ttr_hooks, cache=[FINAL], num_registers=1) as cache:
     ...     pooled = backbone.model(images)
     """
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
+        self.adapter = backbone.adapter
 
-    # ---------------------------------------------------------------------------------------
+    # ---------------------------------------------------------------- names and layout
     def layer_index(self, layer: int) -> int:
         """0-based index of ``layer`` (negative counts from the end); checked against the depth."""
         depth = self.backbone.num_layers
         index = layer + depth if layer < 0 else layer
         if not 0 <= index < depth:
-            raise IndexError(f"layer {layer} is outside a {depth}-layer model")
+            raise IndexError(f"layer {layer} is outside a {depth}-layer model (valid: 0..{depth - 1} "
+                             f"or -{depth}..-1)")
         return index
 
-    def token_layout(self, num_registers: int) -> dict[str, slice]:
-        """Token slices inside a block for ``num_registers`` test-time registers."""
-        prefix = self.backbone.num_prefix_tokens
-        patches_end = prefix + self.backbone.num_patches
-        return {
-            "cls": slice(0, 1),
-            "trained_registers": slice(1, prefix),
-            "patches": slice(prefix, patches_end),
-            "registers": slice(patches_end, patches_end + num_registers),
-        }
+    def hook_names(self) -> list[str]:
+        """Every hook point of this model."""
+        names = [REGISTERS]
+        for layer in range(self.backbone.num_layers):
+            names += [template.format(layer) for template in _LAYER_POINTS.values()]
+        return names + [FINAL]
 
-    # ---------------------------------------------------------------------------------------
+    def parse(self, name: str) -> tuple[str, int | None]:
+        """``(kind, 0-based layer)`` of a hook point name; ValueError for an unknown name."""
+        if name in (REGISTERS, FINAL):
+            return name, None
+        match = _NAME.match(name)
+        if match is None:
+            raise ValueError(f"unknown hook point {name!r}; valid: {REGISTERS}, {FINAL}, "
+                             + ", ".join(t.format("{l}") for t in _LAYER_POINTS.values()))
+        return _KIND_OF_SUFFIX[match.group(2)], self.layer_index(int(match.group(1)))
+
+    def canonical(self, name: str) -> str:
+        kind, layer = self.parse(name)
+        return name if layer is None else _LAYER_POINTS[kind].format(layer)
+
+    def token_layout(self, num_registers: int) -> TokenLayout:
+        return TokenLayout(self.backbone.num_prefix_tokens, self.backbone.num_patches, num_registers)
+
+    # ---------------------------------------------------------------- the scoped hooks
     @contextlib.contextmanager
-    def hooks(
-        self,
-        *,
-        num_registers: int = 0,
-        intervention: Intervention | None = None,
-        capture: Capture = Capture(),
-    ) -> Iterator[ActivationCache]:
+    def hooks(self, *, fwd_hooks: Sequence[tuple[str, HookFn]] = (), cache: Iterable[str] = (),
+              num_registers: int = 0) -> Iterator[ActivationCache]:
         """Install the hooks for the ``with`` body and yield the cache they fill.
 
-        Each forward inside the body overwrites the cache entries.  All hooks are removed when
-        the body ends, also when it raises.
+        ``fwd_hooks``: ``(name, fn)`` pairs, applied in order at each point; ``cache``: names whose
+        (possibly changed) tensors are kept; ``num_registers``: R test-time registers appended.
+        Each forward inside the body overwrites the cache entries.
         """
         if num_registers < 0:
             raise ValueError("num_registers must be >= 0")
-        cache = ActivationCache()
+        functions: dict[str, list[HookFn]] = defaultdict(list)
+        for name, fn in fwd_hooks:
+            functions[self.canonical(name)].append(fn)
+        cached = {self.canonical(name) for name in cache}
+        store = ActivationCache(self.canonical)
         handles: list[torch.utils.hooks.RemovableHandle] = []
+
+        def apply(name: str, tensor: torch.Tensor, writable: bool) -> torch.Tensor | None:
+            """Run the hook functions of ``name``; returns the replacement (None if unchanged)."""
+            changed = None
+            for fn in functions.get(name, ()):
+                result = fn(tensor if changed is None else changed, name)
+                if result is not None:
+                    if not writable:
+                        raise ValueError(f"{name} is read-only: its hook functions must return None")
+                    changed = result
+            if name in cached:
+                store[name] = tensor if changed is None else changed
+            return changed
+
+        points = set(functions) | cached
         try:
-            if num_registers:
-                handles.append(self._install_register_append(num_registers))
-            intervened = {self.layer_index(l): list(ids) for l, ids in
-                          (intervention.neurons.items() if intervention else []) if len(ids)}
-            neuron_layers = {self.layer_index(l) for l in capture.neurons}
-            for layer in sorted(set(intervened) | neuron_layers):
-                handles.append(self._install_neuron_hook(
-                    layer, cache, num_registers, intervention, intervened.get(layer),
-                    record=layer in neuron_layers))
-            for layer in {self.layer_index(l) for l in capture.residual}:
-                handles.append(self._install_residual_hook(layer, cache))
-            full = {self.layer_index(l) for l in capture.attention}
-            cls_only = {self.layer_index(l) for l in capture.cls_attention}
-            for layer in sorted(full | cls_only):
-                handles.append(self._install_attention_hook(
-                    layer, cache, full=layer in full, cls_only=layer in cls_only))
-            if capture.final_tokens:
-                handles.append(self._final_norm().register_forward_hook(
-                    lambda module, args, output: cache.__setitem__(("final_tokens", None), output)))
-            yield cache
+            if num_registers or REGISTERS in points:
+                handles += self.adapter.attach_registers(
+                    num_registers, lambda tokens: apply(REGISTERS, tokens, writable=True))
+            by_layer: dict[int, set[str]] = defaultdict(set)
+            for name in points - {REGISTERS, FINAL}:
+                kind, layer = self.parse(name)
+                by_layer[layer].add(kind)
+            for layer, kinds in sorted(by_layer.items()):
+                handles += self._attach_layer(layer, kinds, apply)
+            if FINAL in points:
+                handles.append(self.adapter.final_norm.register_forward_hook(
+                    lambda module, args, output: apply(FINAL, output, writable=True)))
+            yield store
         finally:
             for handle in handles:
                 handle.remove()
 
+    def _attach_layer(self, layer: int, kinds: set[str], apply) -> list:
+        handles = []
+        if "resid_post" in kinds:
+            name = resid_post(layer)
+            handles.append(self.adapter.blocks[layer].register_forward_hook(
+                lambda module, args, output: apply(name, output, writable=True)))
+        if "mlp_post" in kinds:
+            neurons = mlp_post(layer)
+
+            def pre_hook(module, args):
+                changed = apply(neurons, args[0], writable=True)
+                return None if changed is None else (changed,) + tuple(args[1:])
+
+            handles.append(self.adapter.mlp_out(layer).register_forward_pre_hook(pre_hook))
+        full, cls_only = "attn_pattern" in kinds, "attn_cls_pattern" in kinds
+        if full or cls_only:
+            pattern, cls_pattern = attn_pattern(layer), attn_cls_pattern(layer)
+
+            def store(q: torch.Tensor, k: torch.Tensor) -> None:
+                # q, k: [B, H, N, dh]; the probabilities in fp32 whatever the autocast dtype
+                q, k = q.float(), k.float()
+                if full:
+                    probabilities = softmax_attention(q, k)
+                    apply(pattern, probabilities, writable=False)
+                    if cls_only:
+                        apply(cls_pattern, probabilities[:, :, 0, :], writable=False)
+                else:
+                    apply(cls_pattern, softmax_attention(q[:, :, :1], k)[:, :, 0, :], writable=False)
+
+            handles.append(self.adapter.attach_qk(layer, store))
+        return handles
+
+    # ---------------------------------------------------------------- one forward
     @torch.no_grad()
-    def run(
-        self,
-        images: torch.Tensor,
-        *,
-        num_registers: int = 0,
-        intervention: Intervention | None = None,
-        capture: Capture = Capture(),
-    ) -> tuple[torch.Tensor, ActivationCache]:
-        """One forward with hooks: ``[B, 3, H, W]`` -> (pooled feature ``[B, d_out]``, cache)."""
-        with self.hooks(num_registers=num_registers, intervention=intervention, capture=capture) as cache:
+    def run_with_cache(self, images: torch.Tensor, names: Iterable[str], *, num_registers: int = 0,
+                       fwd_hooks: Sequence[tuple[str, HookFn]] = ()) -> tuple[torch.Tensor, ActivationCache]:
+        """One forward ``[B, 3, H, W]`` -> (pooled feature ``[B, d_out]``, cache of ``names``)."""
+        with self.hooks(fwd_hooks=fwd_hooks, cache=names, num_registers=num_registers) as cache, \
+                self.backbone.autocast():
             pooled = self.backbone.model(images)
         return pooled, cache
 
-    # ---------------------------------------------------------------------------------------
-    def _final_norm(self) -> nn.Module:
-        model = self.backbone.model
-        return model.ln_post if self.backbone.family == "clip" else model.norm
+    @torch.no_grad()
+    def run_with_hooks(self, images: torch.Tensor, fwd_hooks: Sequence[tuple[str, HookFn]], *,
+                       num_registers: int = 0) -> torch.Tensor:
+        """One forward with ``fwd_hooks`` -> pooled feature ``[B, d_out]``."""
+        return self.run_with_cache(images, (), num_registers=num_registers, fwd_hooks=fwd_hooks)[0]
 
-    def _install_register_append(self, num_registers: int):
-        def append(tokens: torch.Tensor) -> torch.Tensor:
-            batch, _, width = tokens.shape
-            return torch.cat([tokens, tokens.new_zeros(batch, num_registers, width)], dim=1)
 
-        model = self.backbone.model
-        if self.backbone.family == "clip":
-            return model.ln_pre.register_forward_pre_hook(
-                lambda module, args: (append(args[0]),) + tuple(args[1:]))
-        return model.patch_drop.register_forward_hook(lambda module, args, output: append(output))
-
-    def _install_neuron_hook(self, layer: int, cache: ActivationCache, num_registers: int,
-                             intervention: Intervention | None, neurons: list[int] | None, record: bool):
-        prefix = self.backbone.num_prefix_tokens
-
-        def hook(module, args):
-            activations = args[0]
-            changed = neurons is not None
-            if changed:
-                activations = apply_intervention(
-                    activations, neurons, num_prefix_tokens=prefix, num_registers=num_registers,
-                    scale=intervention.scale, normal_values=intervention.normal_values,
-                    per_neuron_max=intervention.per_neuron_max)
-            if record:
-                cache[("neurons", layer)] = activations
-            return (activations,) + tuple(args[1:]) if changed else None
-
-        return mlp_output_projection(self.backbone, layer).register_forward_pre_hook(hook)
-
-    def _install_residual_hook(self, layer: int, cache: ActivationCache):
-        def hook(module, args, output):
-            cache[("residual", layer)] = output
-
-        return self.backbone.blocks[layer].register_forward_hook(hook)
-
-    def _install_attention_hook(self, layer: int, cache: ActivationCache, *, full: bool, cls_only: bool):
-        block = self.backbone.blocks[layer]
-
-        def store(q: torch.Tensor, k: torch.Tensor) -> None:
-            # q, k: [B, H, N, dh]
-            if full:
-                probabilities = _softmax_attention(q, k)
-                cache[("attention", layer)] = probabilities
-                if cls_only:
-                    cache[("cls_attention", layer)] = probabilities[:, :, 0, :]
-            else:
-                cache[("cls_attention", layer)] = _softmax_attention(q[:, :, :1], k)[:, :, 0, :]
-
-        if self.backbone.family == "clip":
-            attention = block.attn  # nn.MultiheadAttention, batch_first, self-attention on ln_1(x)
-
-            def clip_hook(module, args, kwargs):
-                tokens = args[0] if args else kwargs["query"]
-                width = attention.embed_dim
-                weight, bias = attention.in_proj_weight, attention.in_proj_bias
-                q = nn.functional.linear(tokens, weight[:width], None if bias is None else bias[:width])
-                k = nn.functional.linear(tokens, weight[width:2 * width],
-                                         None if bias is None else bias[width:2 * width])
-                store(_split_heads(q, attention.num_heads), _split_heads(k, attention.num_heads))
-
-            return attention.register_forward_pre_hook(clip_hook, with_kwargs=True)
-
-        attention = block.attn  # timm Attention
-
-        def timm_hook(module, args, output):
-            batch, tokens, _ = output.shape
-            qkv = output.reshape(batch, tokens, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = attention.q_norm(qkv[0]), attention.k_norm(qkv[1])
-            store(q, k)
-
-        return attention.qkv.register_forward_hook(timm_hook)
+def softmax_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q [B, H, Nq, dh]``, ``k [B, H, N, dh]`` -> probabilities ``[B, H, Nq, N]``."""
+    scale = q.shape[-1] ** -0.5
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)

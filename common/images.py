@@ -158,10 +158,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, shown: str | None = None) -> Image.Image:
     """Decode an image fully: EXIF orientation applied, converted to 8-bit RGB.
 
-    Raises :class:`UserError` naming the path if the file cannot be decoded.
+    Raises :class:`UserError` naming the file (as ``shown``, e.g. relative to the dataset, else
+    its path) if it cannot be decoded.  (The loaders' cheap check reads headers, PNG CRCs and the
+    JPEG end marker; a pixel stream that is damaged inside can only fail here.)
     """
     path = Path(path)
     try:
@@ -178,6 +180,5 @@ def load_rgb(path: str | Path) -> Image.Image:
             Image.DecompressionBombError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise UserError(
-            f"cannot decode image {path}: {reason}; replace or remove the file "
-            "(--check_data lists every unreadable file)"
+            f"cannot decode image {shown or path}: {reason}; replace or remove the file and run again"
         ) from None

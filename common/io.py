@@ -84,9 +84,19 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8", errors=TEXT_ERRORS))
 
 
+def _json_value(value: Any) -> Any:
+    """Paths and numpy scalars as JSON values; anything else is an error (never silently str())."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def write_json(path: str | Path, data: Any) -> Path:
-    """Indented JSON (non-ASCII escaped, so any file name round-trips exactly)."""
-    return write_text(path, json.dumps(data, indent=1, default=str) + "\n")
+    """Indented JSON (non-ASCII escaped, so any file name round-trips exactly).  The JSON text is
+    built before the file is touched: a value that cannot be written leaves the old file as it was."""
+    return write_text(path, json.dumps(data, indent=1, default=_json_value) + "\n")
 
 
 def write_csv(path: str | Path, frame) -> Path:
@@ -113,7 +123,7 @@ def _array_digest(arrays: dict[str, np.ndarray], key: str) -> str:
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.tobytes())
     return digest.hexdigest()
 
 

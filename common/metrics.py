@@ -1,12 +1,82 @@
-"""Test-split metrics, seeded bootstrap intervals and the paired ttr-vs-no-ttr tests (SPEC §7).
+"""Test-split metrics, seeded bootstrap intervals and the paired comparison of modes (SPEC §7).
 
-Point estimates come straight from scikit-learn (:func:`compute_metrics`).  The bootstrap needs
-the same metrics on ``n_boot`` resamples x ``S`` seeds, which is far too many scikit-learn calls
-to be quick, so :func:`_bootstrap_metrics` computes them in one vectorised pass: a resample is
-a vector of multiplicities over the test rows (``W [B, N]``), per-class counts are matrix
-products ``W @ onehot`` and the one-vs-rest AUC is the tie-aware Mann-Whitney statistic with
-those multiplicities as weights.  ``tests/test_metrics.py`` checks that this fast path equals
-scikit-learn on fixed and resampled examples (ties and vanished classes included).
+One prediction per mode
+    A mode's prediction is the **seed ensemble**, the mean probability over its probe seeds
+    (``[S, N, C] -> [N, C]``, :func:`ensemble_predictions`).  That one matrix gives the headline
+    metrics, their intervals, every paired test and ``predictions_<mode>.csv``, so the table,
+    the tests and the predictions file cannot disagree.  The per-seed metrics only give the
+    spread beside them (``<metric>_seed_sd``, sample sd with ``ddof=1``; 0 for one seed).
+
+Bootstrap
+    ``n_boot`` resamples of the test rows (indices from ``numpy.random.default_rng(seed)``,
+    ``integers(0, N, size=(n_boot, N))``), held as multiplicities ``W [B, N]``.  The same ``W``
+    serves every mode, so the per-mode intervals and the paired differences come from the same
+    resamples.  :func:`_bootstrap_metrics` computes every metric on all resamples in one
+    vectorised pass (per-class counts are ``W @ onehot``; the one-vs-rest AUC is the tie-aware
+    Mann-Whitney statistic with the multiplicities as weights); the full test set is one more
+    row of ``W`` (all ones), so point estimates and resamples share one code path, and
+    ``tests/test_metrics.py`` checks both against scikit-learn.  A resample on which a metric is
+    undefined (AUC with no class that has a positive and a negative; QWK with no expected
+    disagreement) is skipped for that metric, and for a difference, every resample where either
+    mode's value is undefined.
+
+Intervals
+    95% percentile intervals taken as order statistics: with ``B`` usable resamples and
+    ``j = #{k >= 0 : 2k/B < 0.05}`` (``j = 25`` for ``B = 1000``) the interval is
+    ``[j-th smallest, j-th largest]``.  That choice makes the interval of a difference agree
+    exactly with its p-value (below).
+
+Paired tests (``mode - baseline`` on the same test images)
+    * **Paired bootstrap** for every headline metric: ``d* = m*(mode) - m*(baseline)`` on each
+      shared resample, ``d`` on the full test set.  p-value by **percentile inversion**:
+      ``p = min(1, 2 * min(#{d* <= 0}, #{d* >= 0}) / B)`` (resamples with no difference count on
+      both sides, so identical modes give ``p = 1``; differences within 1e-12 are floating-point
+      noise and count as 0).  With the order-statistic interval above, ``p < 0.05`` holds
+      exactly when the 95% interval of the difference excludes 0: ``#{d* <= 0} < j`` is the
+      same statement as "the j-th smallest ``d*`` is > 0" (and likewise above), and ``j`` is
+      defined through the same floating-point expression ``2k/B < 0.05`` as the comparison
+      ``p < 0.05``.  So the verdict (decided on ``p``) never contradicts the interval it quotes.
+    * **Exact McNemar** on top-1 correctness of the two ensembles: ``mcnemar_b`` = images the
+      baseline gets right and the mode gets wrong, ``mcnemar_c`` = the reverse,
+      ``p_mcnemar_top1 = scipy.stats.binomtest(b, b + c, 0.5)`` (two-sided; 1 when ``b + c = 0``).
+
+Why percentile inversion (measured calibration)
+    It was measured against the null-centred construction ``p = #{|d* - d| >= |d|} / B`` on
+    simulated test sets where the two modes are exchangeable (two probability matrices drawn
+    alike, with a shared component so the modes are correlated as real ones are, and swapped
+    between the modes on a random half of the rows: the true difference is 0 for every metric).
+    Share of p < 0.05 (nominal 0.05; Monte Carlo SE about 0.003-0.004):
+
+    =====================  ================  ================  =====================
+    metric                 N=200 C=5, ~57%   N=60 C=4, ~62%    N=200 C=5, ~88% top-1
+                           B=1000, 5000 sims B=1000, 4000 sims B=1000, 4000 sims
+                           pct. / centred    pct. / centred    pct. / centred
+    =====================  ================  ================  =====================
+    top1                   0.048 / 0.050     0.043 / 0.043     0.044 / 0.050
+    top3                   0.045 / 0.046     0.043 / 0.019     0.028 / 0.009
+    f1_macro               0.054 / 0.053     0.059 / 0.055     0.056 / 0.052
+    precision_macro        0.050 / 0.050     0.055 / 0.052     0.057 / 0.056
+    recall_macro           0.054 / 0.054     0.057 / 0.054     0.056 / 0.054
+    auc_macro              0.051 / 0.049     0.053 / 0.048     0.057 / 0.041
+    balanced_accuracy      0.054 / 0.054     0.057 / 0.054     0.056 / 0.054
+    qwk                    0.051 / 0.051     0.074 / 0.066     0.059 / 0.049
+    McNemar (exact)        0.039             0.027             0.033
+    =====================  ================  ================  =====================
+
+    Over these and four more settings (N = 500 with imbalanced classes; N = 100 with 8 classes;
+    N = 150 imbalanced with two independent seeds of one mode instead of swapped rows; B = 200),
+    56 metric x setting cells in all: percentile inversion 0.028-0.074, RMS error 0.0084;
+    null-centred 0.009-0.070, RMS error 0.0094.  The two agree within Monte Carlo error on the
+    smooth metrics; the null-centred test collapses on top-3 (a difference made of a few
+    discordant rows, a lattice on which ``|d* - d| >= |d|`` is rarely reached) while percentile
+    inversion is at worst mildly liberal at small N.  Percentile inversion is kept: smaller
+    overall error, no collapse, and it is exactly the test that the reported percentile interval
+    of the difference implies.  McNemar's exact test is conservative (0.027-0.041).
+    ``tests/test_metrics_calibration.py`` re-measures the chosen construction through
+    :func:`evaluate_modes` on every test run (fewer simulations, B = 200).
+
+These are per-comparison p-values: many comparisons across datasets and backbones call for a
+multiplicity correction (``python -m common.report`` gives Holm-adjusted values).
 
 Rates are fractions in [0, 1]; kappa is in [-1, 1].
 """
@@ -34,6 +104,7 @@ from sklearn.metrics import (
 )
 
 from common.errors import UserError
+from common.modes import BASELINE, TTR
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +117,21 @@ METRICS: tuple[str, ...] = (
     "auc_macro",
     "balanced_accuracy",
 )
-MODES: tuple[str, ...] = ("no-ttr", "ttr")
+# Every metric a spec can ask for, in report order, with the name a sentence uses.
+METRIC_LABELS: dict[str, str] = {
+    "top1": "top-1 accuracy",
+    "top3": "top-3 accuracy",
+    "f1_macro": "macro F1",
+    "precision_macro": "macro precision",
+    "recall_macro": "macro recall",
+    "auc_macro": "macro one-vs-rest AUC",
+    "balanced_accuracy": "balanced accuracy",
+    "qwk": "quadratic weighted kappa",
+    "manufacturer_top1": "manufacturer top-1",
+}
 TOP_K = 3
-_TIE_TOL = 1e-12  # |F1_b - F1_a| at or below this is a tie (floating-point noise)
+ALPHA = 0.05  # the intervals are 95%; the verdicts test at 5%
+_TIE_TOL = 1e-12  # |difference| at or below this is a tie (floating-point noise)
 
 
 @dataclass
@@ -124,12 +207,16 @@ def _check_proba(proba, n_rows: int, n_classes: int, ndim: int, name: str = "pro
 # --------------------------------------------------------------------------- point metrics
 
 
+def _auc_classes(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Classes the macro AUC can use, ``[C]`` bool: at least one positive and one negative in ``y``."""
+    counts = np.bincount(y, minlength=n_classes)
+    return (counts > 0) & (counts < len(y))
+
+
 def _auc_ovr_present(y: np.ndarray, proba: np.ndarray) -> tuple[float, int]:
     """Mean one-vs-rest ROC-AUC over classes with >= 1 positive and >= 1 negative in ``y``."""
-    n = len(y)
-    counts = np.bincount(y, minlength=proba.shape[1])
-    classes = [c for c in range(proba.shape[1]) if 0 < counts[c] < n]
-    if not classes:
+    classes = np.flatnonzero(_auc_classes(y, proba.shape[1]))
+    if classes.size == 0:
         return math.nan, 0
     aucs = [roc_auc_score(y == c, proba[:, c]) for c in classes]
     return float(np.mean(aucs)), len(classes)
@@ -234,7 +321,7 @@ def _weighted_auc(WT: np.ndarray, pos: np.ndarray, score: np.ndarray) -> np.ndar
 def _bootstrap_metrics(
     y: np.ndarray, proba: np.ndarray, spec: MetricSpec, W: np.ndarray, names: tuple[str, ...] | None = None
 ) -> dict[str, np.ndarray]:
-    """Metrics of ``spec`` on each resample ``W [B, N]`` for one seed's ``proba [N, C]``.
+    """Metrics of ``spec`` on each resample ``W [B, N]`` for one probability matrix ``proba [N, C]``.
 
     Returns ``{metric: [B]}`` (all of ``spec.names()``, or just ``names``: AUC and QWK are
     skipped when not asked for); with ``W`` all ones this equals :func:`compute_metrics` (tested).
@@ -273,10 +360,8 @@ def _bootstrap_metrics(
     if "auc_macro" in wanted:
         aucs = np.full((W.shape[0], C), np.nan)
         WT = np.ascontiguousarray(W.T)  # [N, B]: row gathers and cumsums run over contiguous rows
-        for c in range(C):
-            pos = y == c
-            if pos.any() and not pos.all():
-                aucs[:, c] = _weighted_auc(WT, pos, proba[:, c])
+        for c in np.flatnonzero(_auc_classes(y, C)):
+            aucs[:, c] = _weighted_auc(WT, y == c, proba[:, c])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows -> NaN
             out["auc_macro"] = np.nanmean(aucs, axis=1)
@@ -299,151 +384,211 @@ def _bootstrap_metrics(
     return {m: v for m, v in out.items() if m in wanted}
 
 
-def _seed_mean_boot(y: np.ndarray, P: np.ndarray, spec: MetricSpec, W: np.ndarray) -> dict[str, np.ndarray]:
-    """Per resample, each metric averaged over seeds ``P [S, N, C]`` -> ``{metric: [B]}``.
-
-    A seed whose metric is NaN on a resample (e.g. AUC with no usable class) makes that
-    resample NaN, so every kept resample averages the same seeds."""
-    per_seed = [_bootstrap_metrics(y, P[s], spec, W) for s in range(P.shape[0])]
-    return {m: np.mean([d[m] for d in per_seed], axis=0) for m in spec.names()}
+# --------------------------------------------------------------------------- intervals and tests
 
 
-# --------------------------------------------------------------------------- per mode
+def _order_rank(n: int, alpha: float = ALPHA) -> int:
+    """``j = #{k >= 0 : 2k/n < alpha}``: the interval's order statistic (1-based) for ``n`` values.
+
+    Written with the same floating-point expression as :func:`_bootstrap_p`'s ``2k/n`` so that
+    ``p < alpha`` and "the interval excludes 0" are one statement (module docstring)."""
+    k = np.arange(n + 1)
+    return int(min(n, max(1, np.count_nonzero(2.0 * k / n < alpha))))
 
 
-def evaluate_mode(y_true, proba_per_seed, spec: MetricSpec, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Metrics of one mode with spread over probe seeds and a 95% bootstrap interval.
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval ``(j-th smallest, j-th largest)`` of the finite ``values [B]``;
+    ``(nan, nan)`` when none is finite."""
+    v = np.sort(values[np.isfinite(values)])
+    if v.size == 0:
+        return math.nan, math.nan
+    j = _order_rank(v.size)
+    return float(v[j - 1]), float(v[v.size - j])
 
-    ``proba_per_seed`` is ``[S, N, C]``.  For every metric ``m`` of ``spec.names()``:
 
-    - ``m``: mean over seeds of :func:`compute_metrics` on the full test split;
-    - ``m_std``: standard deviation over seeds (sample std, ``ddof=1``, for ``S >= 2``;
-      0.0 for a single seed);
-    - ``m_lo``, ``m_hi``: 2.5th/97.5th percentiles over ``n_boot`` bootstrap resamples of
-      the test rows (indices from ``numpy.random.default_rng(seed)``, the same resample for
-      every seed); on each resample the metric is computed per seed and averaged over seeds.
-      A resample where the metric is undefined (NaN) is skipped: for ``auc_macro`` each
-      resample averages over the classes that still have a positive and a negative in it (a
-      class that vanished from the resample simply drops out), and only a resample with no
-      such class at all is NaN; ``qwk`` is NaN when its expected disagreement is 0.  The
-      percentiles use the remaining resamples, ``m_n_boot`` says how many (NaN interval if none).
+def _bootstrap_p(diffs: np.ndarray) -> float:
+    """Two-sided paired-bootstrap p-value by percentile inversion over the finite ``diffs [B]``
+    (already tie-rounded): ``min(1, 2 min(#{d* <= 0}, #{d* >= 0}) / B)``; NaN when none."""
+    d = diffs[np.isfinite(diffs)]
+    if d.size == 0:
+        return math.nan
+    k = min(int(np.count_nonzero(d <= 0)), int(np.count_nonzero(d >= 0)))
+    return float(min(1.0, 2.0 * k / d.size))
 
-    Also ``auc_classes`` (classes in the point-estimate AUC), ``n_seeds``, ``n_test``.
+
+def _mcnemar(correct_base: np.ndarray, correct_mode: np.ndarray) -> tuple[int, int, float]:
+    """Exact McNemar on paired correctness ``[N]`` bools: ``(b, c, p)`` with ``b`` = baseline
+    right and mode wrong, ``c`` = the reverse, ``p`` two-sided binomial (1 when ``b + c = 0``)."""
+    b = int(np.count_nonzero(correct_base & ~correct_mode))
+    c = int(np.count_nonzero(~correct_base & correct_mode))
+    p = float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue) if b + c else 1.0
+    return b, c, p
+
+
+def _untie(x: np.ndarray) -> np.ndarray:
+    """Differences within :data:`_TIE_TOL` of 0 set to exactly 0 (equal metrics summed in another
+    order differ by ~1e-16 and must count as ties, not as an arbitrary side)."""
+    x = np.array(x, dtype=np.float64)
+    x[np.abs(x) <= _TIE_TOL] = 0.0
+    return x
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def metric_columns(spec: MetricSpec) -> list[str]:
+    """``metrics.csv`` column names for ``spec`` in order (SPEC §7): ``mode``; per metric
+    ``m, m_lo, m_hi, m_seed_sd``; ``auc_classes``; ``p_mcnemar_top1, mcnemar_b, mcnemar_c``;
+    per metric ``m_diff, m_diff_lo, m_diff_hi, p_m``."""
+    names = spec.names()
+    return (["mode"] + [f"{m}{s}" for m in names for s in ("", "_lo", "_hi", "_seed_sd")] + ["auc_classes"]
+            + ["p_mcnemar_top1", "mcnemar_b", "mcnemar_c"]
+            + [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}")])
+
+
+def evaluate_modes(
+    y_true,
+    proba_by_mode: dict[str, np.ndarray],
+    spec: MetricSpec,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    baseline: str = BASELINE,
+) -> pd.DataFrame:
+    """Score every mode on the test split and compare each with ``baseline``: the ``metrics.csv`` table.
+
+    ``y_true``: int ``[N]`` class indices.  ``proba_by_mode``: mode -> ``[S, N, C]`` test
+    probabilities per probe seed (``S`` may differ between modes, ``S = 1`` for a fixed saved
+    probe); it must contain ``baseline``.  Each mode is scored on its seed ensemble
+    (``[N, C]``, module docstring), all on the same ``n_boot`` resamples.
+
+    Returns one row per mode in the dict's order, columns :func:`metric_columns`:
+
+    - ``m``: metric ``m`` of the ensemble on the full test split; ``m_lo``/``m_hi``: its 95%
+      percentile bootstrap interval; ``m_seed_sd``: sd over seeds of the per-seed metric
+      (``ddof=1``; 0 for ``S = 1``);
+    - ``auc_classes``: classes ``auc_macro`` averages over (those with a positive and a
+      negative in the test split);
+    - on every row but the baseline's (NaN there): ``p_mcnemar_top1``, ``mcnemar_b``,
+      ``mcnemar_c`` (exact McNemar on top-1 correctness) and per metric ``m_diff`` (mode -
+      baseline), ``m_diff_lo``/``m_diff_hi`` (95% paired-bootstrap interval) and ``p_m``
+      (two-sided paired-bootstrap p-value, percentile inversion).
+
+    Raises :class:`UserError` for bad labels, shapes, NaN probabilities, a missing baseline or a
+    bad ``n_boot``.
     """
     C = spec.n_classes
     y = _check_y(y_true, C)
-    P = _check_proba(proba_per_seed, len(y), C, 3, "probabilities per seed")
-    S = P.shape[0]
-    per_seed = [compute_metrics(y, P[s], spec) for s in range(S)]
-    W = _resample_weights(len(y), n_boot, seed)
-    boot = _seed_mean_boot(y, P, spec, W)
-    out: dict = {}
-    for m in spec.names():
-        vals = np.array([d[m] for d in per_seed], dtype=np.float64)
-        out[m] = float(np.mean(vals))
-        out[f"{m}_std"] = float(np.std(vals, ddof=1)) if S > 1 else 0.0
-        b = boot[m][np.isfinite(boot[m])]
-        out[f"{m}_n_boot"] = int(b.size)
-        if b.size:
-            lo, hi = np.percentile(b, [2.5, 97.5])
-            out[f"{m}_lo"], out[f"{m}_hi"] = float(lo), float(hi)
-        else:
-            out[f"{m}_lo"] = out[f"{m}_hi"] = math.nan
-        if b.size < n_boot:
-            logger.info("%s: %d of %d bootstrap resamples undefined, skipped", m, n_boot - b.size, n_boot)
-    out["auc_classes"] = int(per_seed[0]["auc_classes"])
-    out["n_seeds"] = S
-    out["n_test"] = len(y)
-    return out
+    n = len(y)
+    if not proba_by_mode:
+        raise UserError("no modes to score; give at least the baseline's probabilities")
+    if baseline not in proba_by_mode:
+        raise UserError(f"baseline mode {baseline!r} is missing; modes given: {', '.join(map(str, proba_by_mode))}")
+    probas = {mode: _check_proba(p, n, C, 3, f"{mode} probabilities per seed") for mode, p in proba_by_mode.items()}
+    names = spec.names()
+    # Row 0 is the full test set, rows 1.. the shared resamples: one code path for both.
+    W = np.vstack([np.ones((1, n)), _resample_weights(n, n_boot, seed)])
+    ones = W[:1]
 
-
-# --------------------------------------------------------------------------- paired tests
-
-
-def paired_tests(y_true, proba_a, proba_b, spec: MetricSpec, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Paired comparison of mode b (ttr) against mode a (no-ttr) on the same test images.
-
-    ``proba_a``, ``proba_b``: ``[S, N, C]`` (no-ttr, ttr).
-
-    - McNemar (exact): top-1 correctness of each mode's seed ensemble (argmax of the mean
-      probability over seeds).  ``mcnemar_b`` = images a gets right and b gets wrong,
-      ``mcnemar_c`` = images a gets wrong and b gets right; ``p_mcnemar_top1`` is the
-      two-sided ``scipy.stats.binomtest(b, b + c, 0.5)`` p-value, 1.0 when ``b + c == 0``.
-    - Paired bootstrap on macro F1: the same ``n_boot`` resamples (``default_rng(seed)``) for
-      both modes; per resample ``diff = F1_b - F1_a`` with each F1 the mean over seeds.
-      ``p_bootstrap_f1_macro = min(1, 2 * min(share(diff <= 0), share(diff >= 0)))`` (the
-      two-sided percentile-bootstrap p-value for "no difference"; ties count on both sides,
-      so identical modes give 1).  ``delta_f1_macro`` is the point estimate (seed-mean F1 of b
-      minus that of a) with its 95% percentile interval ``delta_f1_macro_lo``/``_hi``.
-
-    These are per-comparison p-values: many comparisons across datasets and backbones call for
-    a multiplicity correction (e.g. Holm).
-    """
-    C = spec.n_classes
-    y = _check_y(y_true, C)
-    A = _check_proba(proba_a, len(y), C, 3, "no-ttr probabilities per seed")
-    B = _check_proba(proba_b, len(y), C, 3, "ttr probabilities per seed")
-    if A.shape != B.shape:
-        raise UserError(f"no-ttr probabilities {A.shape} and ttr probabilities {B.shape} differ in shape; "
-                        "both modes need the same seeds and test images")
-    ok_a = ensemble_predictions(A).argmax(axis=1) == y
-    ok_b = ensemble_predictions(B).argmax(axis=1) == y
-    nb = int(np.sum(ok_a & ~ok_b))
-    nc = int(np.sum(~ok_a & ok_b))
-    p_mc = float(binomtest(nb, nb + nc, 0.5, alternative="two-sided").pvalue) if nb + nc else 1.0
-
-    def f1(P: np.ndarray) -> float:
-        return float(np.mean([f1_score(y, P[s].argmax(axis=1), average="macro", zero_division=0)
-                              for s in range(P.shape[0])]))
-
-    W = _resample_weights(len(y), n_boot, seed)
-    only = ("f1_macro",)
-    fa = np.mean([_bootstrap_metrics(y, A[s], spec, W, only)["f1_macro"] for s in range(A.shape[0])], axis=0)
-    fb = np.mean([_bootstrap_metrics(y, B[s], spec, W, only)["f1_macro"] for s in range(B.shape[0])], axis=0)
-    diff = fb - fa
-    # Equal F1s computed in a different summation order can differ by ~1e-16; count them as
-    # ties so identical predictions give p = 1 rather than an arbitrary side.
-    diff[np.abs(diff) <= _TIE_TOL] = 0.0
-    delta = f1(B) - f1(A)
-    if abs(delta) <= _TIE_TOL:
-        delta = 0.0
-    p_boot = float(min(1.0, 2.0 * min(np.mean(diff <= 0), np.mean(diff >= 0))))
-    lo, hi = np.percentile(diff, [2.5, 97.5])
-    return {
-        "p_mcnemar_top1": p_mc,
-        "mcnemar_b": nb,
-        "mcnemar_c": nc,
-        "p_bootstrap_f1_macro": p_boot,
-        "delta_f1_macro": float(delta),
-        "delta_f1_macro_lo": float(lo),
-        "delta_f1_macro_hi": float(hi),
-    }
-
-
-# --------------------------------------------------------------------------- table
-
-
-def metrics_table(results: dict[str, dict], tests: dict) -> pd.DataFrame:
-    """The ``metrics.csv`` table: one row per mode, ``no-ttr`` then ``ttr``.
-
-    ``results`` maps mode -> :func:`evaluate_mode` output (both modes required); ``tests`` is
-    :func:`paired_tests`' output (may be empty).  Columns: ``mode``; for each metric ``m``
-    present (METRICS, then ``qwk``, ``manufacturer_top1``): ``m, m_lo, m_hi, m_std``;
-    ``auc_classes``; ``p_mcnemar_top1``, ``p_bootstrap_f1_macro`` (on the ttr row, NaN on no-ttr).
-    """
-    missing = [m for m in MODES if m not in results]
-    if missing:
-        raise ValueError(f"metrics_table needs results for modes {MODES}; missing {missing}")
-    names = [m for m in (*METRICS, "qwk", "manufacturer_top1") if m in results[MODES[0]]]
-    rows = []
-    for mode in MODES:
-        r = results[mode]
+    values: dict[str, dict[str, np.ndarray]] = {}
+    correct: dict[str, np.ndarray] = {}
+    rows: dict[str, dict] = {}
+    for mode, P in probas.items():
+        ensemble = ensemble_predictions(P)
+        values[mode] = _bootstrap_metrics(y, ensemble, spec, W)
+        correct[mode] = ensemble.argmax(axis=1) == y
+        per_seed = [_bootstrap_metrics(y, P[s], spec, ones) for s in range(P.shape[0])] if P.shape[0] > 1 else []
         row: dict = {"mode": mode}
         for m in names:
-            for suffix in ("", "_lo", "_hi", "_std"):
-                row[f"{m}{suffix}"] = float(r.get(f"{m}{suffix}", math.nan))
-        row["auc_classes"] = int(r["auc_classes"])
-        for key in ("p_mcnemar_top1", "p_bootstrap_f1_macro"):
-            row[key] = float(tests.get(key, math.nan)) if mode == "ttr" else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows, columns=list(rows[0]))
+            boot = values[mode][m][1:]
+            row[m] = float(values[mode][m][0])
+            row[f"{m}_lo"], row[f"{m}_hi"] = _interval(boot)
+            row[f"{m}_seed_sd"] = float(np.std([d[m][0] for d in per_seed], ddof=1)) if per_seed else 0.0
+            skipped = int(np.count_nonzero(~np.isfinite(boot)))
+            if skipped:
+                logger.info("%s %s: %d of %d bootstrap resamples undefined, skipped", mode, m, skipped, n_boot)
+        row["auc_classes"] = int(np.count_nonzero(_auc_classes(y, C)))
+        rows[mode] = row
+
+    for mode in probas:
+        row = rows[mode]
+        if mode == baseline:
+            row.update({"p_mcnemar_top1": math.nan, "mcnemar_b": math.nan, "mcnemar_c": math.nan})
+        else:
+            row["mcnemar_b"], row["mcnemar_c"], row["p_mcnemar_top1"] = _mcnemar(correct[baseline], correct[mode])
+        for m in names:
+            if mode == baseline:
+                row.update({f"{m}_diff": math.nan, f"{m}_diff_lo": math.nan, f"{m}_diff_hi": math.nan,
+                            f"p_{m}": math.nan})
+                continue
+            d = _untie(values[mode][m] - values[baseline][m])
+            row[f"{m}_diff"] = float(d[0])
+            if math.isnan(d[0]):  # undefined on the full test split: nothing to test
+                row[f"{m}_diff_lo"] = row[f"{m}_diff_hi"] = row[f"p_{m}"] = math.nan
+            else:
+                row[f"{m}_diff_lo"], row[f"{m}_diff_hi"] = _interval(d[1:])
+                row[f"p_{m}"] = _bootstrap_p(d[1:])
+    return pd.DataFrame([rows[mode] for mode in probas], columns=metric_columns(spec))
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def verdicts(table: pd.DataFrame, *, mode: str = TTR, baseline: str = BASELINE, alpha: float = ALPHA) -> list[str]:
+    """One plain-English sentence per headline metric of ``table`` (an :func:`evaluate_modes`
+    table): is ``mode`` better, worse, or not detectably different from ``baseline``?
+
+    ``baseline`` names the baseline the table was computed against (its row carries no
+    differences).  The decision is ``p_m < alpha`` (paired bootstrap) and the sign of
+    ``m_diff``; the sentence quotes the difference, its 95% interval and ``p``.  At the default ``alpha = 0.05`` the
+    decision agrees exactly with the interval (``p < 0.05`` if and only if the 95% interval
+    excludes 0, module docstring); at another ``alpha`` the quoted interval is still the 95% one.
+    Every metric, top-1 included, is decided by its paired bootstrap (McNemar's exact p-value and
+    counts are in the table for the caller to quote beside it).  A metric whose difference is
+    undefined (e.g. no class usable for AUC) says so.
+    """
+    modes = list(table["mode"]) if "mode" in table.columns else []
+    for wanted in (mode, baseline):
+        if wanted not in modes:
+            raise UserError(f"no row for mode {wanted!r} in the metrics table; rows: {', '.join(map(str, modes))}")
+    # the differences on every row are against the baseline evaluate_modes used: its row has none
+    base_diffs = table.loc[table["mode"] == baseline, [c for c in table.columns if c.endswith("_diff")]]
+    if base_diffs.notna().to_numpy().any():
+        raise UserError(f"{baseline!r} is not the baseline this metrics table was computed against")
+    row = table.loc[table["mode"] == mode].iloc[0]
+    level = f"{alpha * 100:g}%"
+    in_table = [c[: -len("_diff")] for c in table.columns if c.endswith("_diff")]
+    present = [m for m in METRIC_LABELS if m in in_table] + sorted(set(in_table) - set(METRIC_LABELS))
+    sentences = []
+    for m in present:
+        label = METRIC_LABELS.get(m, m)
+        label = label[0].upper() + label[1:]
+        d, lo, hi, p = (float(row.get(f"{m}_diff", math.nan)), float(row.get(f"{m}_diff_lo", math.nan)),
+                        float(row.get(f"{m}_diff_hi", math.nan)), float(row.get(f"p_{m}", math.nan)))
+        if math.isnan(d) or math.isnan(p):
+            sentences.append(f"{label}: not testable on this test split (the metric is undefined for "
+                             f"{mode} or {baseline}).")
+            continue
+        ci = f"95% CI {_signed(lo)} to {_signed(hi)}"
+        # p = 0: no resample reached 0; the resolution is 2/B, so no smaller number is claimed
+        boot = "paired bootstrap p ≈ 0, no resample reached 0" if p == 0 else f"paired bootstrap {_p_text(p)}"
+        # direction from d; a significant d of exactly 0 (possible only for odd non-linear
+        # metrics) takes the side of its interval
+        side = np.sign(d) or np.sign(lo + hi)
+        if p < alpha and side > 0:
+            text = f"{mode} is better than {baseline} by {_signed(d)} ({ci}, {boot})."
+        elif p < alpha and side < 0:
+            text = f"{mode} is worse than {baseline} by {-d:.3f} (difference {_signed(d)}, {ci}, {boot})."
+        else:
+            text = (f"no detectable difference between {mode} and {baseline} at the {level} level "
+                    f"(difference {_signed(d)}, {ci}, {boot}).")
+        sentences.append(f"{label}: {text}")
+    return sentences

@@ -30,6 +30,7 @@ class RunOptions:
     weights: str | None = None
     neurons: str | None = None
     detect_path: str | None = None
+    reference_probes: str | None = None
     no_cache: bool = False
     cache_dir: Path | None = None
     strict: bool = False

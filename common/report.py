@@ -1,22 +1,31 @@
 """One table over many runs: ``python -m common.report RUN_DIR... --out DIR``.
 
-Reads each run's ``config.json``, ``metrics.csv`` and (when present) ``outliers.csv`` and writes
+Reads each run's ``config.json``, ``metrics.csv`` (SPEC §7 columns, :func:`common.metrics.evaluate_modes`)
+and, when present, ``outliers.csv``, and writes
 
-* ``DIR/report.csv``: one row per (run, mode) with dataset, backbone, mode, every metric with
-  its 95% interval (``m``, ``m_lo``, ``m_hi``), the outlier statistics, and on the ttr row the
-  ttr-minus-no-ttr difference per metric (``delta_m``), the paired tests' p-values
-  (``p_mcnemar_top1``, ``p_bootstrap_f1_macro``) and their Holm-adjusted values across the
-  runs (``*_holm``);
-* ``DIR/report.md``: the same as Markdown tables (metrics per run and mode; differences and
-  p-values per run; outlier statistics);
-* ``DIR/report.png``: top-1 accuracy and macro F1 per run, no-ttr beside ttr, with the 95%
-  intervals as error bars.
+* ``DIR/report.csv``: one row per (run, mode) with dataset, backbone, mode, every metric of the
+  mode's seed ensemble with its 95% interval and seed spread (``m``, ``m_lo``, ``m_hi``,
+  ``m_seed_sd``), ``auc_classes``; the paired comparison with the baseline as the run recorded
+  it (``m_diff``, ``m_diff_lo``, ``m_diff_hi``, ``p_m`` per metric; ``p_mcnemar_top1``,
+  ``mcnemar_b``, ``mcnemar_c``) and, on the ttr rows, each p-value Holm-adjusted across the runs
+  (``p_m_holm``, ``p_mcnemar_top1_holm``); the outlier statistics;
+* ``DIR/report.md``: the metrics per run and mode; the ttr - no-ttr difference per run and
+  metric with its interval, p-value and Holm-adjusted p-value; McNemar per run; the outlier
+  statistics;
+* ``DIR/report.png``: the ttr - no-ttr differences with their 95% paired-bootstrap intervals,
+  one panel per metric, one line per run (filled marker: Holm-adjusted p < 0.05).
 
-Multiplicity: each run's p-values test one hypothesis; over many runs some will fall below 0.05
-by chance.  The Holm (1979) step-down adjustment controls the family-wise error rate over the
-runs given, separately for each test (McNemar on top-1; paired bootstrap on macro F1):
-with the m p-values sorted ascending, ``p_holm_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.
-Runs without a p-value (NaN) are left out of the family.
+Multiplicity: each run's p-values test its own ttr-vs-no-ttr hypothesis; over many runs some
+fall below 0.05 by chance.  The Holm (1979) step-down adjustment controls the family-wise error
+rate; the **family is the runs given, separately for each test** (the paired bootstrap of each
+metric is one family, McNemar on top-1 another): with the family's m p-values sorted
+ascending, ``p_holm_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.  A run without that p-value
+(NaN, e.g. no QWK on a non-APTOS run) is left out of that family.
+
+Rows other than ``no-ttr`` and ``ttr`` (``no-ttr (course probe)``, ``ttr (course probe)``,
+``no-ttr-removed``, ...) are **listed**, after the run's no-ttr and ttr rows, in report.csv and
+the metrics table, with whatever comparison their run recorded; they are outside the Holm
+families and the difference tables, which hold the one ttr-vs-no-ttr question per run.
 
 Exit codes: 0 done; 2 a RUN_DIR that is not a finished run (one line naming it).
 """
@@ -25,8 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -35,14 +44,16 @@ import numpy as np
 import pandas as pd
 
 from common.errors import UserError
+from common.io import save_figure, write_csv, write_text
+from common.metrics import METRIC_LABELS
+from common.modes import BASELINE, MODES, TTR
 
-MODES = ("no-ttr", "ttr")
-METRIC_ORDER = ("top1", "top3", "f1_macro", "precision_macro", "recall_macro", "auc_macro",
-                "balanced_accuracy", "qwk", "manufacturer_top1")
-P_VALUES = ("p_mcnemar_top1", "p_bootstrap_f1_macro")
+log = logging.getLogger(__name__)
+
+MCNEMAR = "p_mcnemar_top1"
 OUTLIER_STATS = ("patch_share_above_threshold", "mean_max_patch_norm", "register_norm",
                  "cls_attention_entropy", "cls_attention_on_register")
-FIGURE_METRICS = (("top1", "top-1 accuracy"), ("f1_macro", "macro F1"))
+ALPHA = 0.05
 
 
 def holm(p_values) -> np.ndarray:
@@ -80,7 +91,7 @@ def _backbone_label(info: dict) -> str:
 
 
 def read_run(folder: str | Path) -> dict:
-    """``{"folder", "info" (config.json), "metrics" (DataFrame), "outliers" (DataFrame | None)}``."""
+    """``{"folder", "info" (config.json), "metrics" (DataFrame by mode), "outliers" (DataFrame | None)}``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder; pass run folders written by test_<dataset>.py")
@@ -95,6 +106,12 @@ def read_run(folder: str | Path) -> dict:
         raise UserError(f"{folder}: config.json or metrics.csv cannot be read ({error})") from None
     if "mode" not in metrics.columns or not set(MODES) <= set(metrics["mode"]):
         raise UserError(f"{folder / 'metrics.csv'}: needs rows for modes {', '.join(MODES)}")
+    if metrics["mode"].duplicated().any():
+        raise UserError(f"{folder / 'metrics.csv'}: mode {metrics['mode'][metrics['mode'].duplicated()].iloc[0]!r} "
+                        "appears twice; one row per mode")
+    if "top1_diff" not in metrics.columns:
+        log.warning("%s has no paired differences (written before they existed); its differences and "
+                    "p-values are left empty", folder / "metrics.csv")
     outliers = None
     if (folder / "outliers.csv").is_file():
         try:
@@ -116,51 +133,51 @@ def _run_labels(folders: list[Path]) -> list[str]:
 
 
 def _metric_names(runs: list[dict]) -> list[str]:
+    """Metrics any run reports (a column ``m`` with ``m_lo`` and ``m_hi``), in report order."""
     present = set()
     for run in runs:
         columns = run["metrics"].columns
-        present |= {c for c in columns if f"{c}_lo" in columns and f"{c}_hi" in columns}
-    return [m for m in METRIC_ORDER if m in present] + sorted(present - set(METRIC_ORDER))
+        present |= {c for c in columns
+                    if f"{c}_lo" in columns and f"{c}_hi" in columns and not c.endswith("_diff")}
+    return [m for m in METRIC_LABELS if m in present] + sorted(present - set(METRIC_LABELS))
+
+
+def _modes_in_order(metrics: pd.DataFrame) -> list[str]:
+    return [*MODES, *(mode for mode in metrics.index if mode not in MODES)]
+
+
+def _value(metrics: pd.DataFrame, mode: str, column: str) -> float:
+    value = metrics.loc[mode].get(column, math.nan)
+    return math.nan if value is None or pd.isna(value) else float(value)
 
 
 def build_table(runs: list[dict]) -> pd.DataFrame:
-    """The report table: one row per (run, mode)."""
+    """The report table: one row per (run, mode); Holm columns over the runs' ttr rows."""
     labels = _run_labels([r["folder"] for r in runs])
     names = _metric_names(runs)
+    per_mode = [f"{m}{s}" for m in names for s in ("", "_lo", "_hi", "_seed_sd")] + ["auc_classes"]
+    paired = [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}")]
+    paired += [MCNEMAR, "mcnemar_b", "mcnemar_c"]
     rows = []
     for label, run in zip(labels, runs):
         info, metrics, outliers = run["info"], run["metrics"], run["outliers"]
-        for mode in MODES:
-            row: dict = {
-                "run": label,
-                "dataset": info.get("dataset", "?"),
-                "backbone": _backbone_label(info),
-                "demo": bool(info.get("demo", False)),
-                "mode": mode,
-            }
-            for m in names:
-                for suffix in ("", "_lo", "_hi"):
-                    value = metrics.loc[mode].get(f"{m}{suffix}", math.nan)
-                    row[f"{m}{suffix}"] = float(value) if value is not None else math.nan
-            for m in names:
-                row[f"delta_{m}"] = (float(metrics.loc["ttr"].get(m, math.nan)) -
-                                     float(metrics.loc["no-ttr"].get(m, math.nan))) if mode == "ttr" else math.nan
-            for key in P_VALUES:
-                row[key] = float(metrics.loc["ttr"].get(key, math.nan)) if mode == "ttr" else math.nan
+        for mode in _modes_in_order(metrics):
+            row: dict = {"run": label, "dataset": info.get("dataset", "?"), "backbone": _backbone_label(info),
+                         "demo": bool(info.get("demo", False)), "mode": mode}
+            row.update({column: _value(metrics, mode, column) for column in per_mode + paired})
             for key in OUTLIER_STATS:
-                row[key] = (float(outliers.loc[mode].get(key, math.nan))
+                row[key] = (_value(outliers, mode, key)
                             if outliers is not None and mode in outliers.index else math.nan)
             rows.append(row)
     table = pd.DataFrame(rows)
-    ttr = table["mode"] == "ttr"
-    for key in P_VALUES:
+    ttr = table["mode"] == TTR
+    tests = [f"p_{m}" for m in names] + [MCNEMAR]
+    for key in tests:
         table[f"{key}_holm"] = math.nan
         table.loc[ttr, f"{key}_holm"] = holm(table.loc[ttr, key].to_numpy())
-    ordered = (["run", "dataset", "backbone", "demo", "mode"]
-               + [f"{m}{s}" for m in names for s in ("", "_lo", "_hi")]
-               + [f"delta_{m}" for m in names]
-               + [c for key in P_VALUES for c in (key, f"{key}_holm")]
-               + list(OUTLIER_STATS))
+    ordered = (["run", "dataset", "backbone", "demo", "mode"] + per_mode
+               + [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}", f"p_{m}_holm")]
+               + [MCNEMAR, f"{MCNEMAR}_holm", "mcnemar_b", "mcnemar_c"] + list(OUTLIER_STATS))
     return table[ordered]
 
 
@@ -168,119 +185,160 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
 # writing
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _f(value: float, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    return "–" if _missing(value) else f"{value:.{digits}f}"
+
+
+def _signed(value: float) -> str:
+    return "–" if _missing(value) else f"{value:+.3f}"
 
 
 def _p(value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "–"
     if value == 0:
-        return "0 (< 1/B)"
+        return "0 (< 2/B)"  # no resample reached 0; the bootstrap p-value's resolution is 2/B
     return "<0.0001" if value < 1e-4 else f"{value:.4f}"
 
 
+def _names(table: pd.DataFrame) -> list[str]:
+    return [c[: -len("_seed_sd")] for c in table.columns if c.endswith("_seed_sd")]
+
+
 def markdown(table: pd.DataFrame) -> str:
-    names = [c for c in table.columns if f"{c}_lo" in table.columns and not c.endswith(("_lo", "_hi"))]
+    names = _names(table)
+    runs = table["run"].nunique()
     lines = ["# Test-time registers: no-ttr vs ttr over runs", ""]
     if table["demo"].any():
         demo_runs = sorted(set(table.loc[table["demo"], "run"]))
-        lines += [f"> **{len(demo_runs)} of {table['run'].nunique()} run(s) are demos on synthetic data with a "
-                  f"planted model** ({', '.join(demo_runs)}); their numbers say nothing about real images.", ""]
+        lines += [f"> **{len(demo_runs)} of {runs} run(s) are demos on synthetic data with a planted model** "
+                  f"({', '.join(demo_runs)}); their numbers say nothing about real images.", ""]
+
     lines += ["## Metrics per run and mode", "",
-              "Mean over probe seeds with the 95% percentile bootstrap interval over test images.", "",
-              "| run | dataset | backbone | mode | " + " | ".join(names) + " |",
+              "Each mode's prediction is its probe seeds' ensemble (mean probability); value [95% percentile "
+              "bootstrap interval over test images], then the standard deviation of the per-seed values.", "",
+              "| run | dataset | backbone | mode | " + " | ".join(METRIC_LABELS.get(m, m) for m in names) + " |",
               "|---|---|---|---|" + "---|" * len(names)]
     for _, row in table.iterrows():
-        cells = [f"{_f(row[m])} [{_f(row[m + '_lo'])}, {_f(row[m + '_hi'])}]" if not math.isnan(row[m]) else "–"
+        cells = ["–" if _missing(row[m]) else
+                 f"{_f(row[m])} [{_f(row[m + '_lo'])}, {_f(row[m + '_hi'])}] sd {_f(row[m + '_seed_sd'])}"
                  for m in names]
         lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {row['mode']} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "## ttr minus no-ttr, and paired tests", "",
-              "| run | dataset | backbone | " + " | ".join(f"Δ {m}" for m in names)
-              + " | p McNemar top-1 | p Holm | p bootstrap macro F1 | p Holm |",
-              "|---|---|---|" + "---|" * (len(names) + 4)]
-    for _, row in table[table["mode"] == "ttr"].iterrows():
-        deltas = [("–" if math.isnan(row[f"delta_{m}"]) else f"{row[f'delta_{m}']:+.3f}") for m in names]
-        lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | " + " | ".join(deltas)
-                     + f" | {_p(row['p_mcnemar_top1'])} | {_p(row['p_mcnemar_top1_holm'])}"
-                     + f" | {_p(row['p_bootstrap_f1_macro'])} | {_p(row['p_bootstrap_f1_macro_holm'])} |")
-    runs = table["run"].nunique()
+    others = sorted(set(table["mode"]) - set(MODES))
+    if others:
+        lines += ["", f"Rows other than {BASELINE} and {TTR} are listed above and in report.csv (with the "
+                  "comparison their run recorded) but are not part of the tables below or of the Holm families: "
+                  + ", ".join(f"`{mode}`" for mode in others) + "."]
+
+    ttr = table[table["mode"] == TTR]
+    lines += ["", f"## {TTR} minus {BASELINE} per run (paired on the same test images)", "",
+              "Difference of the ensembles' metric with its 95% paired-bootstrap interval (the same resamples "
+              "for both modes), the two-sided paired-bootstrap p-value, and that p-value Holm-adjusted across "
+              f"the {runs} run(s).", "",
+              "| run | dataset | backbone | metric | difference [95% CI] | p | p Holm |",
+              "|---|---|---|---|---|---|---|"]
+    for _, row in ttr.iterrows():
+        for m in names:
+            if _missing(row[f"{m}_diff"]):
+                continue
+            lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {METRIC_LABELS.get(m, m)} | "
+                         f"{_signed(row[f'{m}_diff'])} [{_signed(row[f'{m}_diff_lo'])}, "
+                         f"{_signed(row[f'{m}_diff_hi'])}] | {_p(row[f'p_{m}'])} | {_p(row[f'p_{m}_holm'])} |")
+    lines += ["", "## Exact McNemar test on top-1 correctness", "",
+              f"| run | dataset | backbone | only {TTR} right | only {BASELINE} right | p | p Holm |",
+              "|---|---|---|---|---|---|---|"]
+    for _, row in ttr.iterrows():
+        counts = ["–" if _missing(row[k]) else str(int(row[k])) for k in ("mcnemar_c", "mcnemar_b")]
+        lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {counts[0]} | {counts[1]} | "
+                     f"{_p(row[MCNEMAR])} | {_p(row[MCNEMAR + '_holm'])} |")
     lines += ["",
-              "p McNemar: exact McNemar test on top-1 correctness of the same test images; p bootstrap: paired "
-              "bootstrap on macro F1 (shown as 0 (< 1/B) when none of the B resamples of the difference "
-              "fell on the other side of zero). Each run's p-values test one hypothesis; with "
-              f"{runs} run(s) compared, some small p-values arise by chance, so the Holm step-down adjustment over "
-              "the runs (family-wise error rate, each test separately) is given beside each raw p-value. "
-              "A run without a p-value is left out of the family."]
+              f"**Multiplicity.** Each p-value tests one run's {TTR}-vs-{BASELINE} hypothesis; with {runs} run(s) and "
+              f"up to {len(names) + 1} tests per run, some p-values fall below 0.05 by chance. \"p Holm\" is the Holm "
+              "step-down adjustment, which controls the family-wise error rate; the family is all runs given here, "
+              "separately for each test (the paired bootstrap of each metric is one family, McNemar another). "
+              "A run without that p-value is left out of the family. Read a difference as established across runs "
+              "only where its Holm-adjusted p is below 0.05. A bootstrap p shown as 0 means no resample of the "
+              "difference reached 0 (p < 2/B for B resamples)."]
+
     if table[list(OUTLIER_STATS)].notna().any().any():
         lines += ["", "## Outlier tokens (outliers.csv)", "",
                   "| run | mode | patches above threshold | mean max patch norm | register norm | "
                   "CLS attention entropy | CLS attention on register |",
                   "|---|---|---|---|---|---|---|"]
-        for _, row in table.iterrows():
+        for _, row in table[table[list(OUTLIER_STATS)].notna().any(axis=1)].iterrows():
             share = row["patch_share_above_threshold"]
-            lines.append(f"| {row['run']} | {row['mode']} | {_f(share * 100, 2) + '%' if not math.isnan(share) else '–'}"
+            lines.append(f"| {row['run']} | {row['mode']} | {'–' if _missing(share) else _f(share * 100, 2) + '%'}"
                          f" | {_f(row['mean_max_patch_norm'], 1)} | {_f(row['register_norm'], 1)}"
                          f" | {_f(row['cls_attention_entropy'])} | {_f(row['cls_attention_on_register'])} |")
-    lines += ["", "![Top-1 and macro F1 per run, no-ttr vs ttr](report.png)", ""]
+    lines += ["", f"![{TTR} minus {BASELINE} per run and metric, 95% paired-bootstrap intervals](report.png)", ""]
     return "\n".join(lines)
 
 
-def figure(table: pd.DataFrame, path: Path) -> None:
+def _run_axis_labels(ttr: pd.DataFrame) -> list[str]:
+    """Dataset and backbone per run (the run folder too where two runs share both)."""
+    pairs = list(zip(ttr["dataset"], ttr["backbone"]))
+    return ["\n".join([f"{dataset} · {backbone}" if len(backbone) <= 24 else dataset,
+                       *([] if len(backbone) <= 24 else textwrap.wrap(backbone, 24)),
+                       *([run] if pairs.count((dataset, backbone)) > 1 else [])])
+            for run, dataset, backbone in zip(ttr["run"], ttr["dataset"], ttr["backbone"])]
+
+
+def figure(table: pd.DataFrame):
+    """Forest plot: per metric one panel, per run the ttr - no-ttr difference with its 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [(m, label) for m, label in FIGURE_METRICS if m in table.columns]
-    runs = list(dict.fromkeys(table["run"]))
-    first = table.drop_duplicates("run").set_index("run").loc[runs]
-    pairs = list(zip(first["dataset"], first["backbone"]))
-    labels = ["\n".join([dataset, *textwrap.wrap(backbone, 18)] + ([run] if pairs.count(pair) > 1 else []))
-              for run, pair, (dataset, backbone) in zip(runs, pairs, pairs)]
-    width = max(4.5, 1.9 * len(runs) + 1.0)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 5.0), squeeze=False)
-    x = np.arange(len(runs))
-    colours = {"no-ttr": "tab:orange", "ttr": "tab:blue"}
-    for ax, (metric, title) in zip(axes[0], metrics):
-        for k, mode in enumerate(MODES):
-            rows = table[table["mode"] == mode].set_index("run").loc[runs]
-            value = rows[metric].to_numpy(float)
-            err = np.vstack([value - rows[f"{metric}_lo"].to_numpy(float), rows[f"{metric}_hi"].to_numpy(float) - value])
-            ax.bar(x + (k - 0.5) * 0.38, value, width=0.38, color=colours[mode], alpha=0.85, label=mode,
-                   yerr=np.clip(err, 0, None), capsize=4, error_kw={"elinewidth": 1.2})
-        key, test = (("p_mcnemar_top1_holm", "exact McNemar") if metric == "top1"
-                     else ("p_bootstrap_f1_macro_holm", "paired bootstrap"))
-        for i, run in enumerate(runs):
-            p = table[(table["run"] == run) & (table["mode"] == "ttr")][key]
-            if len(p) and not p.isna().all():
-                ax.annotate(f"p = {_p(float(p.iloc[0]))}", (i, 1.015), ha="center", va="bottom", fontsize=8,
-                            xycoords=("data", "axes fraction"))
-        ax.set_xticks(x, labels, fontsize=8)
-        ax.set_ylim(0, 1.0)
-        ax.set_ylabel(title)
-        ax.set_title(f"{title}, 95% bootstrap intervals\n(p: {test} ttr vs no-ttr, Holm-adjusted over runs)",
-                     fontsize=10, pad=18)
-        ax.grid(axis="y", alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=9, frameon=False)
-    fig.suptitle("no-ttr vs ttr per run", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        fig.savefig(temporary, dpi=110, bbox_inches="tight", facecolor="white")
-        os.replace(temporary, path)
-    finally:
-        plt.close(fig)
-        temporary.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    ttr = table[table["mode"] == TTR].reset_index(drop=True)
+    names = [m for m in _names(table) if ttr[f"{m}_diff"].notna().any()] or ["top1"]
+    columns = min(3, len(names))
+    grid_rows = math.ceil(len(names) / columns)
+    labels = _run_axis_labels(ttr)
+    lines_per_run = max(label.count("\n") + 1 for label in labels)
+    panel_height = 0.9 + (0.28 + 0.17 * lines_per_run) * len(ttr)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.6 * columns + 1.6, panel_height * grid_rows + 1.0),
+                             squeeze=False, sharey=True)
+    y = np.arange(len(ttr))[::-1]  # first run on top
+    for ax, m in zip(axes.flat, names):
+        diff = ttr[f"{m}_diff"].to_numpy(float)
+        lo, hi = ttr[f"{m}_diff_lo"].to_numpy(float), ttr[f"{m}_diff_hi"].to_numpy(float)
+        p_holm = ttr[f"p_{m}_holm"].to_numpy(float)
+        ax.axvline(0.0, color="0.4", lw=1.0, zorder=1)
+        finite = np.isfinite(diff)
+        ax.errorbar(diff[finite], y[finite], xerr=np.clip(np.vstack([diff - lo, hi - diff])[:, finite], 0, None),
+                    fmt="none", ecolor="tab:blue", elinewidth=1.6, capsize=4, zorder=2)
+        significant = finite & (p_holm < ALPHA)
+        ax.scatter(diff[significant], y[significant], s=42, color="tab:blue", zorder=3,
+                   label="Holm-adjusted p < 0.05")
+        ax.scatter(diff[finite & ~significant], y[finite & ~significant], s=42, facecolor="white",
+                   edgecolor="tab:blue", linewidth=1.5, zorder=3, label="Holm-adjusted p ≥ 0.05")
+        span = np.nanmax(np.abs(np.r_[lo[finite], hi[finite], 0.01])) if finite.any() else 0.05
+        ax.set_xlim(-1.15 * span, 1.15 * span)
+        for k in np.flatnonzero(~finite):
+            ax.text(0.0, y[k], "not reported", ha="center", va="center", fontsize=9, color="0.35", zorder=4,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5})
+        ax.set_title(METRIC_LABELS.get(m, m), fontsize=11)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=9)
+        ax.set_xlabel(f"{TTR} − {BASELINE}", fontsize=9)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_yticks(y, labels, fontsize=9)
+    axes[0, 0].set_ylim(-0.6, len(ttr) - 0.4)
+    handles, names_ = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names_, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.suptitle(f"{TTR} minus {BASELINE} per run: difference of the seed ensembles with its 95% "
+                 f"paired-bootstrap interval\n(filled: Holm-adjusted p < 0.05 across the {len(ttr)} run(s), "
+                 "each metric separately)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:
@@ -290,12 +348,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:
     runs = [read_run(folder) for folder in run_dirs]
     table = build_table(runs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / ".report.csv.tmp"
-    table.to_csv(temporary, index=False)
-    os.replace(temporary, out / "report.csv")
-    _write_text(out / "report.md", markdown(table))
-    figure(table, out / "report.png")
+    write_csv(out / "report.csv", table)
+    write_text(out / "report.md", markdown(table))
+    save_figure(figure(table), out / "report.png", dpi=110, bbox_inches="tight", facecolor="white")
     return table
 
 
@@ -311,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(f"report: {Path(args.out) / 'report.md'}")  # the command's result, on stdout like the CLI's
     return 0
 
 

@@ -1,10 +1,19 @@
-"""One run of SPEC §7: backbone -> data -> register neurons -> features -> probe -> metrics -> report."""
+"""One run of SPEC §7: backbone -> data -> images -> register neurons -> features -> probes ->
+metrics -> figures -> summary.
+
+Each image is decoded once (:class:`common.imagebank.ImageBank`); detection, features and the
+analysis statistics are cached under keys of everything that changes them, so a re-run with the
+same inputs recomputes nothing and an interrupted run resumes from what was complete.  Under
+torchrun, decoding, detection and extraction are split over the ranks by whole batches and
+rank 0 does the rest and writes every file.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,205 +25,281 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from common import distributed
+from common.analysis import ModeSetup, analyse, analysis_paths, outlier_table, write_outputs
 from common.backbones import Backbone, load_backbone
-from common.datasets import Dataset, load_dataset, manufacturer_of, write_splits
-from common.detection import (
-    DetectionResult, NoOutliersError, collect_norms, detect_register_neurons, detection_batch_size,
-    paper_neurons, suggest_threshold, write_json_atomic,
-)
-from common.devices import resolve_device
+from common.cache import Cache, cache_key, default_cache_dir
+from common.course import SUFFIX as COURSE_SUFFIX
+from common.course import load_probes
+from common.datasets import SPLITS, Dataset, load_dataset, manufacturer_of, write_splits
+from common.detection import NoOutliersError, collect_norms, detect_register_neurons, detection_batch_size, \
+    rank_scores, suggest_threshold
 from common.errors import UserError
-from common.features import (
-    MODES, FeatureCache, FeatureSet, cache_key, default_cache_dir, extract_features, file_fingerprints,
-    image_loader, mode_settings,
-)
+from common.features import FeatureSet, extract_batch
+from common.fixture import PlantedModel
 from common.hooks import HookedViT
+from common.imagebank import ImageBank
 from common.images import IMAGE_SUFFIXES, check_image, is_ignored
-from common.intervention import Intervention
-from common.metrics import MetricSpec, ensemble_predictions, evaluate_mode, metrics_table, paired_tests
+from common.intervention import Intervention, mode_setup
+from common.io import write_csv, write_json
+from common.metrics import MetricSpec, ensemble_predictions, evaluate_modes
+from common.modes import BASELINE, MODES, TTR
+from common.neurons import NeuronRanking
 from common.options import DatasetSpec, RunOptions
 from common.probe import ProbeConfig, fit_probes
+from common.settings import resolve_workers
+from common.runstate import RunState
+from common.summary import write_summary
+from common.zeroshot import class_embeddings, class_prompts, zero_shot_probabilities
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class RunContext:
-    spec: DatasetSpec
-    options: RunOptions
-    config: dict
-    backbone: Backbone | None = None
-    dataset: Dataset | None = None
-    detection: DetectionResult | None = None
-    selected: dict[int, list[int]] = field(default_factory=dict)
-    features: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
-    planted: list[tuple[int, int]] = field(default_factory=list)
-    cache_hits: dict[str, int] = field(default_factory=dict)
-    probe_choices: dict[str, list[dict]] = field(default_factory=dict)   # mode -> chosen lr/wd per seed
+ZERO_SHOT_SUFFIX = " (zero-shot)"
+STAGES = ("load backbone", "load dataset and split", "register neurons", "extract features",
+          "train probes", "score", "figures and outlier statistics", "summary")
 
 
-def _stage(name: str) -> None:
-    log.info("== %s", name)
+def _stage(state: RunState, name: str) -> None:
+    if state.main:
+        log.info("[%d/%d] %s", STAGES.index(name) + 1, len(STAGES), name)
+
+
+def fingerprints(paths: list[str]) -> list[list]:
+    """``[path, size, mtime_ns]`` per file: a changed file changes every key it is part of."""
+    import os
+
+    return [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+
+
+def _model_description(state: RunState) -> dict:
+    """What identifies the model's computation in every cache key."""
+    backbone, bank = state.backbone, state.bank
+    return {
+        "model": backbone.identity.as_dict(),
+        "weights": backbone.weights_id,
+        "activation": backbone.activation,
+        "preprocess": [bank.preprocess_id, bank.mean.tolist(), bank.std.tolist()],
+        "precision": backbone.precision,
+        "device_type": backbone.device.type,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # stages
 
 
-def stage_backbone(ctx: RunContext, planted_model=None) -> None:
-    _stage("load backbone")
-    if planted_model is not None:
-        ctx.backbone = planted_model.backbone
-        ctx.planted = list(planted_model.planted)
-        return
-    device = resolve_device(ctx.config["device"])
-    ctx.backbone = load_backbone(ctx.options.model, ctx.config, device=device, weights=ctx.options.weights)
-    log.info("backbone: %s on %s (activation %s)", ctx.backbone.description, device, ctx.backbone.activation)
+def stage_backbone(state: RunState, device: torch.device, planted: PlantedModel | None) -> None:
+    _stage(state, "load backbone")
+    if planted is not None:
+        state.backbone = planted.backbone
+        state.planted = list(planted.planted)
+    else:
+        with tqdm(total=1, desc="load backbone", unit="model", disable=not state.main) as progress:
+            state.backbone = load_backbone(state.options.model, state.config, device=device,
+                                           weights=state.options.weights, precision=state.config["precision"])
+            progress.update(1)
+    backbone = state.backbone
+    if state.main:
+        log.info("backbone: %s on %s (activation %s, precision %s)", backbone.description, backbone.device,
+                 backbone.activation, backbone.precision)
 
 
-def stage_dataset(ctx: RunContext) -> None:
-    _stage("load dataset and split")
-    ctx.dataset = load_dataset(
-        ctx.spec.name, ctx.options.image_path, manifest=ctx.options.manifest, seed=ctx.config["seed"],
-        val_fraction=ctx.config["val_fraction"], test_fraction=ctx.config["test_fraction"],
-        strict=ctx.options.strict)
-    log.info("dataset: %s (%s), %d images, %d classes", ctx.dataset.name, ctx.dataset.layout,
-             len(ctx.dataset.table), len(ctx.dataset.class_names))
-    write_splits(ctx.dataset, ctx.options.out / "splits.csv")
-    counts = ctx.dataset.table["split"].value_counts()
-    for split in ("train", "val", "test"):
+def stage_dataset(state: RunState) -> None:
+    _stage(state, "load dataset and split")
+    config = state.config
+    state.dataset = load_dataset(
+        state.spec.name, state.options.image_path, manifest=state.options.manifest, seed=config["seed"],
+        val_fraction=config["val_fraction"], test_fraction=config["test_fraction"], strict=state.options.strict)
+    dataset = state.dataset
+    if state.main:
+        log.info("dataset: %s, %d images, %d classes", dataset.layout, len(dataset.table), len(dataset.class_names))
+        write_splits(dataset, state.options.out / "splits.csv")
+    counts = dataset.table["split"].value_counts()
+    for split in SPLITS:
         if counts.get(split, 0) == 0:
-            raise UserError(f"the {split} split of {ctx.dataset.root} is empty; add images or use a manifest")
+            raise UserError(f"the {split} split of {dataset.root} is empty; add images or use a manifest")
 
 
-def _detection_paths(ctx: RunContext) -> list[str]:
+def _split_paths(state: RunState, split: str) -> list[str]:
+    table = state.dataset.table
+    return table.loc[table["split"] == split, "path"].tolist()
+
+
+def _detection_paths(state: RunState) -> list[str]:
     """A seeded random sample of ``detect_images`` training images, or of ``--detect_path``."""
-    count = ctx.config["detect_images"]
-    rng = np.random.default_rng(ctx.config["seed"])
-    if ctx.options.detect_path:
-        folder = Path(ctx.options.detect_path)
+    count = state.config["detect_images"]
+    rng = np.random.default_rng(state.config["seed"])
+    if state.options.detect_path:
+        folder = Path(state.options.detect_path)
         if not folder.is_dir():
             raise UserError(f"--detect_path {folder}: not a folder; pass a folder of images")
         candidates = sorted(str(p) for p in folder.rglob("*")
                             if p.is_file() and not is_ignored(p) and p.suffix.lower() in IMAGE_SUFFIXES)
-        bad = [p for p in candidates if check_image(p) is not None]
+        bad = {p for p in candidates if check_image(p) is not None}
         if bad:
-            log.warning("--detect_path: skipping %d unreadable image(s), e.g. %s", len(bad), ", ".join(bad[:3]))
-        candidates = [p for p in candidates if p not in set(bad)]
+            log.warning("--detect_path: skipping %d unreadable image(s), e.g. %s", len(bad), ", ".join(sorted(bad)[:3]))
+        candidates = [p for p in candidates if p not in bad]
         if not candidates:
             raise UserError(f"--detect_path {folder}: no readable images found; pass a folder of images")
     else:
-        table = ctx.dataset.table
-        candidates = sorted(table.loc[table["split"] == "train", "path"].tolist())
+        candidates = sorted(_split_paths(state, "train"))
     if len(candidates) > count:
         candidates = sorted(rng.choice(candidates, size=count, replace=False).tolist())
     return candidates
 
 
-def stage_neurons(ctx: RunContext) -> None:
-    _stage("register neurons")
-    config = ctx.config
-    neurons_arg = ctx.options.neurons
-    if neurons_arg == "paper":
-        ctx.detection = paper_neurons(ctx.options.model, config.get("backbone_size"))
-    elif neurons_arg:
-        ctx.detection = DetectionResult.load(neurons_arg)
+def _all_image_paths(state: RunState) -> list[str]:
+    paths = list(state.dataset.table["path"])
+    if state.options.detect_path:
+        paths += _detection_paths(state)
+    return paths
+
+
+def _images_ready(state: RunState) -> None:
+    """Decode every image the run may need, once, in one parallel pass (idempotent)."""
+    state.bank.prepare(_all_image_paths(state))
+
+
+def stage_neurons(state: RunState, preloaded: NeuronRanking | None) -> None:
+    _stage(state, "register neurons")
+    config = state.config
+    if preloaded is not None:
+        state.ranking = preloaded
+        if state.main:
+            log.info("register neurons from %s", preloaded.source)
     else:
-        ctx.detection = _detect(ctx)
-    max_layer = ctx.backbone.num_layers - 1
-    if not 0 <= config["highest_layer"] <= max_layer:
-        raise UserError(f"highest_layer={config['highest_layer']} is outside this model's layers 0..{max_layer}")
-    ctx.selected = ctx.detection.select(config["highest_layer"], config["top_k"])
-    for layer, ids in ctx.selected.items():
-        if layer > max_layer or max(ids) >= ctx.backbone.mlp_width:
-            raise UserError(
-                f"--neurons {neurons_arg}: neuron ({layer}, {max(ids)}) does not exist in this "
-                f"{ctx.backbone.num_layers}-layer model with {ctx.backbone.mlp_width} MLP units")
-    if not ctx.selected:
+        state.ranking = _detect(state)
+    state.selected = state.ranking.select(config["highest_layer"], config["top_k"])
+    if not state.selected:
         raise UserError(f"no register neuron at or below highest_layer={config['highest_layer']}; raise highest_layer")
-    total = sum(len(ids) for ids in ctx.selected.values())
-    log.info("selected %d register neurons in layers %s", total, sorted(ctx.selected))
-    target = ctx.options.out / "register_neurons.json"
-    if neurons_arg and neurons_arg != "paper" and Path(neurons_arg).resolve() == target.resolve():
-        log.info("register_neurons.json is the --neurons file itself; left as it is")
-    else:
-        ctx.detection.save(target, config["highest_layer"], config["top_k"])
+    state.intervention = Intervention.from_config(state.selected, config)
+    above = state.ranking.above_highest_layer(config["highest_layer"], config["top_k"])
+    if state.main:
+        total = sum(len(ids) for ids in state.selected.values())
+        log.info("selected %d register neurons in layers %s", total, sorted(state.selected))
+        if above:
+            log.warning("%d of the top %d ranked neurons lie above highest_layer=%d (best score %.3g) and are "
+                        "not selected; see register_neurons.json", len(above), config["top_k"],
+                        config["highest_layer"], max(s for _, _, s in above))
+        target = state.options.out / "register_neurons.json"
+        source = state.options.neurons
+        if source and source != "paper" and Path(source).resolve() == target.resolve():
+            log.info("register_neurons.json is the --neurons file itself; left as it is")
+        else:
+            state.ranking.save(target, config["highest_layer"], config["top_k"])
 
 
-def _detect(ctx: RunContext) -> DetectionResult:
-    config, backbone = ctx.config, ctx.backbone
+def _detect(state: RunState) -> NeuronRanking:
+    config, backbone, dist = state.config, state.backbone, state.dist
     hooked = HookedViT(backbone)
-    paths = _detection_paths(ctx)
+    paths = _detection_paths(state)
     batch = detection_batch_size(backbone, config["batch_size"])
-    loader = lambda: image_loader(paths, backbone.preprocess, batch, config["num_workers"], backbone.device)  # noqa: E731
+    detect_layer = config["detect_outliers_layer"]
+    description = {"kind": "detection", **_model_description(state), "images": fingerprints(paths),
+                   "detect_layer": detect_layer, "threshold": config["register_norm_threshold"],
+                   "sparsity": [0.5, 0.5]}
+    key = cache_key(description)
+    cached = dist.broadcast(state.cache.load("detection", key) if state.main else None)
+    if cached is not None:
+        info = json.loads(cached["meta"].item())
+        if state.main:
+            log.info("detection: from the cache (%d of %d images counted)", info["images_counted"], info["images_used"])
+        ranked = list(zip(cached["layers"].tolist(), cached["neurons"].tolist(), cached["scores"].tolist()))
+        return NeuronRanking(ranked=ranked, identity=backbone.identity, **info)
+
+    _images_ready(state)
+    count = (len(paths) + batch - 1) // batch
+    mine = dist.my_batches(count)
+
+    def batches():
+        return state.bank.batches(paths, batch, indices=mine)
+
     threshold, reason = config["register_norm_threshold"], "configured"
     if threshold == "auto":
-        norms = collect_norms(hooked, tqdm(loader(), desc="norms for auto threshold", leave=False),
-                              config["detect_outliers_layer"])
+        norms = np.asarray(dist.all_gather_list(collect_norms(hooked, batches(), detect_layer).tolist()))
         threshold, reason = suggest_threshold(norms)
-        log.info("register_norm_threshold=auto chose %.2f: %s", threshold, reason)
-    with tqdm(total=len(paths), desc="detect register neurons", unit="img") as progress:
+        if state.main:
+            log.info("register_norm_threshold=auto chose %.2f: %s", threshold, reason)
+
+    def reduce(sums, counts):
+        used, counted, max_norm = counts
+        total = dist.all_sum(torch.tensor([float(used), float(counted)], dtype=torch.float64))
+        return dist.all_sum(sums), (int(total[0]), int(total[1]), dist.all_max(max_norm))
+
+    mine_images = sum(len(paths[i * batch:(i + 1) * batch]) for i in mine)
+    with tqdm(total=mine_images, unit="img", desc="detect register neurons", disable=not state.main) as progress:
         try:
-            result = detect_register_neurons(
-                hooked, loader(), detect_layer=config["detect_outliers_layer"], threshold=float(threshold),
-                progress=progress)
+            result = detect_register_neurons(hooked, batches(), detect_layer=detect_layer, threshold=float(threshold),
+                                             progress=progress, reduce=reduce)
         except NoOutliersError as error:
-            norms = collect_norms(hooked, loader(), config["detect_outliers_layer"])
+            norms = np.asarray(dist.all_gather_list(collect_norms(hooked, batches(), detect_layer).tolist()))
             raise error.with_suggestion(suggest_threshold(norms)[0]) from None
     result.threshold_reason = reason
-    result.extra["detection_images"] = paths if len(paths) <= 1000 else paths[:1000]
-    log.info("detection: %d of %d images had outlier tokens", result.images_counted, result.images_used)
+    result.extra["detection_images"] = [state.dataset.display(p) for p in paths[:1000]]
+    if state.main:
+        meta = {"threshold": result.threshold, "threshold_reason": reason, "detect_layer": detect_layer,
+                "detect_layer_index": result.detect_layer_index, "images_used": result.images_used,
+                "images_counted": result.images_counted, "max_norm_seen": result.max_norm_seen,
+                "extra": result.extra}
+        state.cache.save("detection", key, {
+            "layers": np.array([l for l, _, _ in result.ranked], np.int32),
+            "neurons": np.array([n for _, n, _ in result.ranked], np.int32),
+            "scores": np.array([s for _, _, s in result.ranked], np.float64),
+            "meta": np.array(json.dumps(meta))})
+        log.info("detection: %d of %d images had outlier tokens", result.images_counted, result.images_used)
     return result
 
 
-def _intervention(ctx: RunContext) -> Intervention:
-    return Intervention(neurons=ctx.selected, scale=float(ctx.config["scale"]),
-                        normal_values=ctx.config["normal_values"])
+def _mode_setup(state: RunState, mode: str) -> ModeSetup:
+    registers, intervention = mode_setup(mode, state.intervention, state.config["num_registers"])
+    hooks = intervention.fwd_hooks(HookedViT(state.backbone).token_layout(registers)) if intervention else []
+    return ModeSetup(registers, hooks)
 
 
-def _feature_description(ctx: RunContext, mode: str, paths: list[str]) -> dict:
-    backbone = ctx.backbone
-    registers, intervention = mode_settings(mode, ctx.config["num_registers"], _intervention(ctx))
-    return {
-        "family": backbone.family,
-        "weights": backbone.weights_id,
-        "activation": backbone.activation,
-        "preprocess": backbone.preprocess_id,
-        "mode": mode,
-        "num_registers": registers,
-        "intervention": intervention.describe() if intervention else None,
-        "images": file_fingerprints(paths),
-    }
+def _mode_description(state: RunState, mode: str) -> dict:
+    registers, intervention = mode_setup(mode, state.intervention, state.config["num_registers"])
+    return {"mode": mode, "num_registers": registers,
+            "intervention": intervention.describe() if intervention else None}
 
 
-def stage_features(ctx: RunContext) -> None:
-    _stage("extract features")
-    cache = FeatureCache(ctx.options.cache_dir or default_cache_dir(), enabled=not ctx.options.no_cache)
-    hooked = HookedViT(ctx.backbone)
-    table = ctx.dataset.table
-    ctx.cache_hits = {}
-    for mode in MODES:
-        registers, intervention = mode_settings(mode, ctx.config["num_registers"], _intervention(ctx))
-        for split in ("train", "val", "test"):
-            paths = table.loc[table["split"] == split, "path"].tolist()
-            description = _feature_description(ctx, mode, paths)
-            key = cache_key(description)
-            features = cache.load(key)
-            if features is not None and len(features.pooled) == len(paths):
-                log.info("%s %s: %d images from the feature cache (extraction skipped)", mode, split, len(paths))
-                ctx.cache_hits[f"{mode}/{split}"] = 1
-            else:
-                loader = image_loader(paths, ctx.backbone.preprocess, ctx.config["batch_size"],
-                                      ctx.config["num_workers"], ctx.backbone.device)
-                with tqdm(total=len(paths), desc=f"features {mode} {split}", unit="img") as progress:
-                    features = extract_features(hooked, loader, num_registers=registers,
-                                                intervention=intervention, progress=progress)
-                cache.save(key, features, {k: v for k, v in description.items() if k != "images"})
-                ctx.cache_hits[f"{mode}/{split}"] = 0
-            ctx.features[(mode, split)] = features
-    reused = sum(ctx.cache_hits.values())
-    print(f"feature cache: {reused} of {len(ctx.cache_hits)} (mode, split) sets reused"
-          + ("" if cache.enabled else " (cache disabled by --no_cache)"))
+def stage_features(state: RunState) -> None:
+    _stage(state, "extract features")
+    config, dist = state.config, state.dist
+    hooked = HookedViT(state.backbone)
+    batch = config["batch_size"]
+    state.cache_hits = {}
+    for mode in state.modes:
+        setup = _mode_setup(state, mode)
+        for split in SPLITS:
+            paths = _split_paths(state, split)
+            key = cache_key({"kind": "features", **_model_description(state), **_mode_description(state, mode),
+                             "images": fingerprints(paths)})
+            arrays = dist.broadcast(state.cache.load("features", key) if state.main else None)
+            if arrays is not None and len(arrays["pooled"]) == len(paths):
+                if state.main:
+                    log.info("%s %s: %d images from the feature cache (extraction skipped)", mode, split, len(paths))
+                state.features[(mode, split)] = FeatureSet(arrays["pooled"], arrays["patch_mean"])
+                state.cache_hits[f"{mode}/{split}"] = 1
+                continue
+            _images_ready(state)
+            count = (len(paths) + batch - 1) // batch
+            mine = dist.my_batches(count)
+            parts: dict[int, FeatureSet] = {}
+            with tqdm(total=len(paths), desc=f"features {mode} {split}", unit="img", disable=not state.main) as bar:
+                for number, images in zip(mine, state.bank.batches(paths, batch, indices=mine)):
+                    parts[number] = extract_batch(hooked, images, num_registers=setup.num_registers,
+                                                  fwd_hooks=setup.fwd_hooks)
+                    bar.update(images.shape[0] * dist.world)
+            gathered = dist.gather_batches(parts, count)
+            if gathered is not None:
+                features = FeatureSet.concatenate(gathered)
+                state.features[(mode, split)] = features
+                state.cache.save("features", key, features.arrays())
+            state.cache_hits[f"{mode}/{split}"] = 0
+    if state.main:
+        reused = sum(state.cache_hits.values())
+        print(f"feature cache: {reused} of {len(state.cache_hits)} (mode, split) sets reused"
+              + ("" if state.cache.enabled else " (cache disabled by --no_cache)"))
 
 
 def _probe_config(config: dict) -> ProbeConfig:
@@ -225,26 +310,48 @@ def _probe_config(config: dict) -> ProbeConfig:
     )
 
 
-def stage_probe_and_metrics(ctx: RunContext) -> pd.DataFrame:
-    _stage("train probes and score")
-    table, config = ctx.dataset.table, ctx.config
-    labels = {split: table.loc[table["split"] == split, "label"].to_numpy() for split in ("train", "val", "test")}
-    test_paths = table.loc[table["split"] == "test", "path"].tolist()
-    class_names = ctx.dataset.class_names
-    metric_spec = MetricSpec(
-        n_classes=len(class_names), qwk=ctx.spec.qwk,
-        manufacturer_of_class=[manufacturer_of(name) for name in class_names] if ctx.spec.manufacturer else None)
-    probe_config = _probe_config(config)
+def _metric_spec(state: RunState) -> MetricSpec:
+    names = state.dataset.class_names
+    return MetricSpec(n_classes=len(names), qwk=state.spec.qwk,
+                      manufacturer_of_class=[manufacturer_of(n) for n in names] if state.spec.manufacturer else None)
+
+
+def stage_probes_and_metrics(state: RunState) -> None:
+    _stage(state, "train probes")
+    table, config = state.dataset.table, state.config
+    labels = {split: table.loc[table["split"] == split, "label"].to_numpy() for split in SPLITS}
+    class_names = state.dataset.class_names
     probabilities: dict[str, np.ndarray] = {}
-    results: dict[str, dict] = {}
-    chosen: dict[str, list[dict]] = {}
-    for mode in tqdm(MODES, desc="probe per mode"):
-        X = {split: ctx.features[(mode, split)].select(config["feature"]) for split in labels}
-        probabilities[mode], chosen[mode] = fit_probes(
-            X["train"], labels["train"], X["val"], labels["val"], X["test"], len(class_names), probe_config)
-        results[mode] = evaluate_mode(labels["test"], probabilities[mode], metric_spec,
-                                      n_boot=config["bootstrap_resamples"], seed=config["seed"])
-        ensemble = ensemble_predictions(probabilities[mode])
+    for mode in tqdm(state.modes, desc="probe per mode", unit="mode"):
+        X = {split: state.features[(mode, split)].select(config["feature"]) for split in SPLITS}
+        probabilities[mode], state.probe_choices[mode] = fit_probes(
+            X["train"], labels["train"], X["val"], labels["val"], X["test"], len(class_names), _probe_config(config))
+        stalled = [c["seed"] for c in state.probe_choices[mode] if not c.get("converged", True)]
+        if stalled:
+            state.not_converged.append(
+                f"{mode}: probe seed(s) {stalled} reached probe_max_epochs={config['probe_max_epochs']} with the "
+                "validation loss still falling (not converged; raise probe_max_epochs)")
+    _stage(state, "score")
+    spec = _metric_spec(state)
+    metrics = evaluate_modes(labels["test"], probabilities, spec, n_boot=config["bootstrap_resamples"],
+                             seed=config["seed"], baseline=BASELINE)
+    extra_rows = {}
+    if state.options.reference_probes:
+        extra_rows[COURSE_SUFFIX] = _course_probabilities(state)
+    if config["zero_shot"]:
+        extra_rows[ZERO_SHOT_SUFFIX] = _zero_shot(state)
+    for suffix, rows in extra_rows.items():
+        metrics = pd.concat([metrics, evaluate_modes(
+            labels["test"], rows, spec, n_boot=config["bootstrap_resamples"], seed=config["seed"],
+            baseline=BASELINE + suffix)], ignore_index=True)
+        probabilities.update(rows)
+    state.metrics = metrics
+    write_csv(state.options.out / "metrics.csv", metrics)
+    test_paths = _split_paths(state, "test")
+    for mode, per_seed in probabilities.items():
+        if mode.endswith(COURSE_SUFFIX):
+            continue
+        ensemble = ensemble_predictions(per_seed)
         predictions = pd.DataFrame({
             "path": test_paths,
             "true": [class_names[i] for i in labels["test"]],
@@ -252,23 +359,81 @@ def stage_probe_and_metrics(ctx: RunContext) -> pd.DataFrame:
         })
         for index, name in enumerate(class_names):
             predictions[f"p[{name}]"] = ensemble[:, index]
-        _write_csv(predictions, ctx.options.out / f"predictions_{mode}.csv")
-    tests = paired_tests(labels["test"], probabilities["no-ttr"], probabilities["ttr"], metric_spec,
-                         n_boot=config["bootstrap_resamples"], seed=config["seed"])
-    table_out = metrics_table(results, tests)
-    _write_csv(table_out, ctx.options.out / "metrics.csv")
-    ctx.probe_choices = chosen
-    return table_out
+        name = f"zero-shot_{mode.removesuffix(ZERO_SHOT_SUFFIX)}" if mode.endswith(ZERO_SHOT_SUFFIX) else mode
+        write_csv(state.options.out / f"predictions_{name}.csv", predictions)
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(temporary, index=False)
-    os.replace(temporary, path)
+def _course_probabilities(state: RunState) -> dict[str, np.ndarray]:
+    """The course project's saved probes on this run's raw pooled test features, ``[1, N, C]`` each."""
+    order = state.dataset.course_class_order
+    return {mode + COURSE_SUFFIX: probe.predict_proba(state.features[(mode, "test")].pooled, order)[None]
+            for mode, probe in state.course_probes.items()}
+
+
+def _zero_shot(state: RunState) -> dict[str, np.ndarray]:
+    """CLIP zero-shot probabilities from class-name prompts on each mode's pooled test features,
+    ``[1, N, C]`` each; the prompts are written to zero_shot_prompts.json."""
+    prompts = class_prompts(state.spec.name, state.dataset.class_names)
+    write_json(state.options.out / "zero_shot_prompts.json", dict(zip(state.dataset.class_names, prompts)))
+    text = state.backbone.text
+    classes = class_embeddings(text, prompts)
+    return {mode + ZERO_SHOT_SUFFIX: zero_shot_probabilities(state.features[(mode, "test")].pooled, classes,
+                                                             text.logit_scale)[None]
+            for mode in MODES}
+
+
+def stage_analysis(state: RunState) -> list[str]:
+    _stage(state, "figures and outlier statistics")
+    config = state.config
+    test_paths = _split_paths(state, "test")
+    count = min(len(test_paths), max(int(config["analysis_images"]), int(config["figure_images"])))
+    if count == 0:
+        return ["## Outlier tokens and attention\n\nSkipped: no test images (or analysis_images = 0)."]
+    paths = analysis_paths(test_paths, count, int(config["seed"]))
+    hooked = HookedViT(state.backbone)
+    figure_count = min(int(config["figure_images"]), count)
+    base = {"kind": "analysis", **_model_description(state), "images": fingerprints(paths),
+            "detect_layer": config["detect_outliers_layer"], "figure_images": figure_count}
+    keys = {mode: cache_key({**base, **_mode_description(state, mode)}) for mode in state.modes}
+    cached = {}
+    for mode, key in keys.items():
+        arrays = state.cache.load("analysis", key)
+        if arrays is not None:
+            from common.analysis import ModeAnalysis
+
+            cached[mode] = ModeAnalysis.from_arrays(arrays)
+    analysis = analyse(
+        hooked, state.bank.pixels(paths), state.bank.normalise,
+        {mode: _mode_setup(state, mode) for mode in state.modes},
+        labels=[state.dataset.display(p) for p in paths], threshold=_run_threshold(state),
+        detect_layer=config["detect_outliers_layer"], intervened_layers=sorted(state.selected),
+        figure_images=figure_count, batch_size=config["batch_size"],
+        title=f"{state.spec.title}: {state.backbone.description}", cached=cached)
+    for mode, key in keys.items():
+        if mode not in cached:
+            state.cache.save("analysis", key, analysis.modes[mode].arrays())
+    if cached:
+        log.info("analysis statistics of %s from the cache", ", ".join(cached))
+    sections = write_outputs(analysis, state.options.out)
+    state.outliers = outlier_table(analysis)
+    return sections
+
+
+def _run_threshold(state: RunState) -> float:
+    """The threshold the run used: the detection's (also an ``auto`` choice), else the configured
+    number, else NaN (the analysis chooses one from its norms)."""
+    for value in (state.ranking.threshold, state.config.get("register_norm_threshold")):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(number):
+            return number
+    return float("nan")
 
 
 # --------------------------------------------------------------------------------------------
-# config.json and summary.md
+# config.json
 
 
 def library_versions() -> dict[str, str]:
@@ -284,137 +449,127 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_config(ctx: RunContext, status: str) -> None:
-    backbone = ctx.backbone
+def write_config(state: RunState, status: str) -> None:
+    if not state.main:
+        return
+    backbone, options = state.backbone, state.options
     data: dict[str, Any] = {
-        "dataset": ctx.spec.name,
-        "model": ctx.options.model,
-        "demo": ctx.options.demo,
+        "dataset": state.spec.name,
+        "model": options.model,
+        "demo": options.demo,
         "status": status,
-        "config": ctx.config,
-        "command_line": ctx.options.command_line,
-        "image_path": ctx.options.image_path,
-        "manifest": ctx.options.manifest,
-        "weights": ctx.options.weights,
-        "neurons": ctx.options.neurons,
-        "detect_path": ctx.options.detect_path,
+        "config": state.config,
+        "modes": list(state.modes),
+        "command_line": options.command_line,
+        "python": sys.executable,
+        "image_path": options.image_path,
+        "manifest": options.manifest,
+        "weights": options.weights,
+        "neurons": options.neurons,
+        "detect_path": options.detect_path,
+        "reference_probes": options.reference_probes,
         "library_versions": library_versions(),
-        "device": str(backbone.device) if backbone else None,
-        "backbone": backbone.description if backbone else None,
-        "activation": backbone.activation if backbone else None,
-        "weights_id": backbone.weights_id if backbone else None,
+        "processes": state.dist.world,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if ctx.dataset is not None:
-        data["layout"] = ctx.dataset.layout
-        data["class_names"] = ctx.dataset.class_names
-        data["skipped_files"] = len(ctx.dataset.skipped)
-        data["leaks"] = len(ctx.dataset.leaks)
-    if ctx.detection is not None:
-        data["neurons_source"] = ctx.detection.source
-        data["register_norm_threshold_used"] = ctx.detection.threshold
-        data["threshold_reason"] = ctx.detection.threshold_reason
-    if ctx.selected:
-        data["selected_neurons"] = {str(k): v for k, v in ctx.selected.items()}
-    if ctx.options.demo:
-        data["planted"] = [list(pair) for pair in ctx.planted]
-    if ctx.cache_hits:
-        data["feature_cache_hits"] = ctx.cache_hits
-    if ctx.probe_choices:
-        data["probe_hyperparameters"] = ctx.probe_choices
-    write_json_atomic(ctx.options.out / "config.json", data)
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
-
-
-def write_summary(ctx: RunContext, metrics: pd.DataFrame, extra_sections: list[str] | None = None) -> None:
-    rows = metrics.set_index("mode")
-    names = [c for c in metrics.columns
-             if f"{c}_lo" in metrics.columns and not c.endswith(("_lo", "_hi", "_std"))]
-    lines = [f"# {ctx.spec.title}: {ctx.options.model}, no-ttr vs ttr", ""]
-    if ctx.options.demo:
-        lines += ["> **Demo run on synthetic data with a planted model.** The images were generated, "
-                  "the backbone is a small randomly initialised ViT with register neurons planted by "
-                  f"hand at {ctx.planted}. These numbers say nothing about real medical images.", ""]
-    lines += [
-        f"- backbone: {ctx.backbone.description} (activation {ctx.backbone.activation}), device {ctx.backbone.device}",
-        f"- dataset: {ctx.dataset.root} ({ctx.dataset.layout}); classes {len(ctx.dataset.class_names)}; "
-        + ", ".join(f"{s} {int((ctx.dataset.table['split'] == s).sum())}" for s in ("train", "val", "test")),
-        f"- register neurons: {ctx.detection.source}, {sum(len(v) for v in ctx.selected.values())} selected "
-        f"(highest_layer {ctx.config['highest_layer']}, top_k {ctx.config['top_k']}), "
-        f"threshold {ctx.detection.threshold:g}, images counted {ctx.detection.images_counted}/{ctx.detection.images_used}",
-        f"- ttr: {ctx.config['num_registers']} register(s), scale {ctx.config['scale']}, "
-        f"normal_values {ctx.config['normal_values']}; probe feature `{ctx.config['feature']}`, "
-        f"{len(ctx.config['probe_seeds'])} probe seeds",
-        "",
-        "| metric | no-ttr | ttr | ttr - no-ttr |",
-        "|---|---|---|---|",
-    ]
-    for name in names:
-        cells = []
-        for mode in MODES:
-            row = rows.loc[mode]
-            std = row.get(f"{name}_std", float("nan"))
-            cells.append(f"{_fmt(row[name])} [{_fmt(row[name + '_lo'])}, {_fmt(row[name + '_hi'])}]"
-                         + (f" ± {_fmt(std)}" if not np.isnan(std) else ""))
-        delta = rows.loc["ttr", name] - rows.loc["no-ttr", name]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {delta:+.3f} |")
-    ttr = rows.loc["ttr"]
-    auc_classes = int(ttr["auc_classes"]) if "auc_classes" in ttr and not np.isnan(ttr["auc_classes"]) else None
-    lines += [
-        "",
-        "Values are the mean over probe seeds with the 95% percentile bootstrap interval "
-        f"({ctx.config['bootstrap_resamples']} resamples of the test set) and ± the spread over seeds."
-        + (f" AUC averages over the {auc_classes} classes present in the test split." if auc_classes else ""),
-        "",
-        f"Paired tests of ttr against no-ttr on the same {int((ctx.dataset.table['split'] == 'test').sum())} "
-        f"test images: exact McNemar on top-1 p = {_fmt(ttr.get('p_mcnemar_top1'), 4)}; "
-        f"paired bootstrap on macro F1 p = {_fmt(ttr.get('p_bootstrap_f1_macro'), 4)}. "
-        "These p-values are per run: when many datasets, backbones or settings are compared, "
-        "correct for multiplicity (e.g. Holm or Benjamini-Hochberg over the runs, "
-        "`python -m common.report` lists them together).",
-    ]
-    if ctx.dataset.leaks:
-        lines += ["", f"**Warning:** {len(ctx.dataset.leaks)} file(s) with identical content appear in two splits "
-                  "(see the log); the test metrics may be optimistic."]
-    for section in extra_sections or []:
-        lines += ["", section]
-    path = ctx.options.out / "summary.md"
-    temporary = path.with_name(".summary.md.tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, path)
+    if backbone is not None:
+        data.update({"device": str(backbone.device), "backbone": backbone.description,
+                     "activation": backbone.activation, "precision": backbone.precision,
+                     "weights_id": backbone.weights_id, "model_identity": backbone.identity.as_dict()})
+    if state.dataset is not None:
+        data.update({"layout": state.dataset.layout, "dataset_root": str(state.dataset.root),
+                     "class_names": state.dataset.class_names, "skipped_files": len(state.dataset.skipped),
+                     "leaks": len(state.dataset.leaks)})
+    if state.ranking is not None:
+        data["neurons_source"] = state.ranking.source
+        data["register_norm_threshold_used"] = state.ranking.threshold
+        data["threshold_reason"] = state.ranking.threshold_reason
+    if state.selected:
+        data["selected_neurons"] = {str(k): v for k, v in state.selected.items()}
+    if options.demo:
+        data["planted"] = [list(pair) for pair in state.planted]
+    if state.cache_hits:
+        data["feature_cache_hits"] = state.cache_hits
+    if state.probe_choices:
+        data["probe_hyperparameters"] = state.probe_choices
+        data["probe_not_converged"] = state.not_converged
+    if state.bank is not None:
+        data["images_decoded"] = state.bank.decodes
+    if state.timings:
+        data["stage_seconds"] = state.timings
+    write_json(options.out / "config.json", data)
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def execute(spec: DatasetSpec, options: RunOptions, config: dict, planted_model=None) -> RunContext:
-    """Run every stage; ``planted_model`` replaces the backbone in a demo."""
-    options.out.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(spec=spec, options=options, config=config)
-    torch.manual_seed(config["seed"])
+def execute(spec: DatasetSpec, options: RunOptions, config: dict, *, device: torch.device | None = None,
+            planted: PlantedModel | None = None, ranking: NeuronRanking | None = None) -> RunState:
+    """Run every stage; ``planted`` replaces the backbone (and its data) in a demo, ``ranking`` is a
+    ``--neurons`` ranking already read and checked."""
+    modes = tuple(MODES) + tuple(m for m in config["extra_modes"] if m not in MODES)
+    with distributed.session(device or torch.device("cpu")) as (dist, device):
+        state = RunState(spec=spec, options=options, config=config, dist=dist, modes=modes)
+        try:
+            _run_stages(state, device, planted, ranking)
+        except KeyboardInterrupt:
+            write_config(state, "interrupted")
+            raise
+        except BaseException:
+            if state.backbone is not None or state.dataset is not None:
+                write_config(state, "failed")
+            raise
+    if state.main:
+        print(f"done: {options.out / 'summary.md'}")
+    return state
+
+
+def _run_stages(state: RunState, device: torch.device, planted: PlantedModel | None,
+                ranking: NeuronRanking | None) -> None:
+    options, config, dist = state.options, state.config, state.dist
+    started = time.monotonic()
+    if options.demo and options.image_path is None:
+        options.image_path = _demo_data(state)
+    stage_backbone(state, device, planted)
+    stage_dataset(state)
+    if options.reference_probes:   # checked against the classes and the feature width before any extraction
+        state.course_probes = load_probes(options.reference_probes, len(state.dataset.class_names),
+                                          state.backbone.pooled_width)
+    write_config(state, "running")
+    state.cache = Cache(options.cache_dir or default_cache_dir(), enabled=not options.no_cache)
+    image_cache, private = state.cache, None
+    if dist.world > 1 and not state.cache.enabled:
+        # The ranks share decoded images through a cache: with --no_cache a private one in the
+        # run folder, removed at the end.
+        private = options.out / ".images-tmp"
+        image_cache = Cache(private)
+    state.bank = ImageBank(state.backbone.preprocess, cache=image_cache, device=state.backbone.device, dist=dist,
+                           num_workers=resolve_workers(config["num_workers"], state.backbone.device.type),
+                           display=state.dataset.display)
     try:
-        stage_backbone(ctx, planted_model)
-        stage_dataset(ctx)
-        stage_neurons(ctx)
-        stage_features(ctx)
-        metrics = stage_probe_and_metrics(ctx)
-        extra = _analysis_sections(ctx)
-        write_summary(ctx, metrics, extra)
-        write_config(ctx, "done")
-    except BaseException:
-        if ctx.backbone is not None or ctx.dataset is not None:
-            write_config(ctx, "failed")
-        raise
-    print(f"done: {options.out / 'summary.md'}")
-    return ctx
+        stage_neurons(state, ranking)
+        stage_features(state)
+    finally:
+        if private is not None:
+            dist.barrier()
+            if state.main:
+                shutil.rmtree(private, ignore_errors=True)
+    if state.main:
+        stage_probes_and_metrics(state)
+        sections = stage_analysis(state)
+        _stage(state, "summary")
+        write_summary(state, sections)
+    state.timings["total"] = round(time.monotonic() - started, 2)
+    write_config(state, "done")
 
 
-def _analysis_sections(ctx: RunContext) -> list[str]:
-    """Figures and ``outliers.csv`` (common.analysis); returns summary sections."""
-    _stage("figures and outlier statistics")
-    from common import analysis
+def _demo_data(state: RunState) -> str:
+    """The demo's synthetic data: rank 0 writes it, the others wait for it."""
+    from common.demo import demo_data
 
-    return analysis.write_analysis(ctx)
+    if state.main:
+        root = demo_data(state.spec.name, state.options.out, state.config["seed"])
+    state.dist.barrier()
+    if not state.main:
+        root = demo_data(state.spec.name, state.options.out, state.config["seed"])  # complete: read back as is
+    return str(root)

@@ -1,14 +1,11 @@
 """Synthetic datasets in each dataset's *real* layout, for ``--demo`` and the tests.
 
-:func:`make_synthetic` writes a small tree that the real loader in :mod:`common.datasets`
-reads unchanged:
-
-* pacemaker: ``Train/<class>/NNNN.png`` and ``Test/<class>/NNNN.png``; class names such as
-  ``MDT - Adapta`` (two or more share a manufacturer, so manufacturer accuracy differs from
-  top-1);
-* orthonet: flat files ``<code>_NNNN.png`` with real class codes (01-08 hip, 21-24 knee);
-* aptos: ``train.csv`` (``id_code,diagnosis``) + ``train_images/<id_code>.png`` with hex ids,
-  and an unlabelled ``test.csv`` + ``test_images/``.
+:func:`make_synthetic` writes a small tree that the real loader in :mod:`common.datasets` reads
+unchanged.  Where the files go is each dataset module's business (its ``SyntheticSpec``: the
+layouts it can write, the first being the one most users have: Pacemaker ``Train/``/``Test/``
+class folders, the OrthoNet Kaggle CSVs with image and mask files under
+``orthonet data/orthonet data/``, the APTOS three-way release with doubled image folders); this
+module draws the images.
 
 Every image is 8-bit RGB PNG: a perfectly uniform background (one exact value, no noise,
 well over half of the image; the planted register neurons of the demo model fire on such
@@ -16,48 +13,41 @@ patches) and a class-dependent foreground object (brightness, shape, size and as
 class; seeded jitter of position, size and texture inside the object only), which a linear
 probe on random-ViT features separates easily.  Content is deterministic for ``seed``: each
 image draws from its own ``numpy.random.Generator`` seeded with (seed, dataset, class, index).
+OrthoNet masks are the object's silhouette (8-bit grey, 0 or 255).
 
 A finished tree carries a hidden marker file recording its parameters (the loaders ignore
 hidden files); calling again with the same parameters returns the tree untouched (same
 mtimes, so feature caches stay valid).  Any other non-empty folder is refused: we never write
-into a folder we did not create.
+into a folder we did not create.  The tree is generated in a hidden sibling folder
+(``.<name>.partial-<pid>-<random>``) and renamed into place when complete, so a run killed half-way
+leaves no half-written dataset behind; the next call removes such a leftover, recognised by the
+marker file inside it that names the process that wrote it (never any folder without it).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import secrets
+import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
-from common.datasets import APTOS_CLASSES, ORTHONET_CLASSES
+from common.datasets import dataset_kind
 from common.errors import UserError
+from common.io import write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
 _MARKER = ".synthetic.json"
-
-# Real device names; the first two share a manufacturer.
-PACEMAKER_NAMES = (
-    "MDT - Adapta", "MDT - Advisa", "STJ - Assurity", "BOS - Accolade", "BIO - Evia",
-    "STJ - Endurity", "BOS - Altrua", "BIO - Entovis", "MDT - Sensia", "STJ - Accent",
-    "BOS - Essentio", "BIO - Effecta", "SOR - Reply", "MDT - Azure", "STJ - Zephyr",
-)
-# Hip and knee codes interleaved, so a small demo has both kinds.
-_ORTHONET_ORDER = ("01", "21", "02", "22", "03", "23", "04", "24", "05", "06", "07", "08")
-
-_DEFAULT_CLASSES = {"pacemaker": 4, "orthonet": 4, "aptos": 5}
-_MAX_CLASSES = {"pacemaker": 45, "orthonet": len(ORTHONET_CLASSES), "aptos": len(APTOS_CLASSES)}
-_DATASET_IDS = {"pacemaker": 1, "orthonet": 2, "aptos": 3}
-
-
-def _pacemaker_names(classes: int) -> list[str]:
-    names = list(PACEMAKER_NAMES[:classes])
-    names += [f"GEN - Model {i:02d}" for i in range(len(names), classes)]
-    return names
+_PARTIAL = ".synthetic-partial.json"
+_VERSION = 2
+_STYLES = ("pacemaker", "implant", "fundus")
 
 
 def _object_image(rng: np.random.Generator, size: int, k: int, n_classes: int, style: str
@@ -106,83 +96,132 @@ def _object_image(rng: np.random.Generator, size: int, k: int, n_classes: int, s
     return img
 
 
-def _save(img: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img, mode="RGB").save(path, format="PNG", compress_level=1)
+def _png(img: np.ndarray, path: Path) -> None:
+    stream = io.BytesIO()
+    Image.fromarray(img).save(stream, format="PNG", compress_level=1)
+    write_bytes(path, stream.getvalue())
+
+
+class _Painter:
+    """Draws the images of one synthetic dataset (see :class:`common.datasets.base.Painter`)."""
+
+    def __init__(self, name: str, classes: int, image_size: int, seed: int, style: str) -> None:
+        self.seed = seed
+        self._dataset = zlib.crc32(name.encode())  # stable per dataset, no table to keep
+        self._classes, self._size, self._style = classes, image_size, style
+
+    def _draw(self, k: int, n: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self._dataset, k, n])
+        return _object_image(rng, self._size, k, self._classes, self._style)
+
+    def image(self, k: int, n: int, path: Path) -> None:
+        _png(self._draw(k, n), path)
+
+    def mask(self, k: int, n: int, path: Path) -> None:
+        img = self._draw(k, n)
+        _png(np.where((img != img[0, 0]).any(axis=-1), 255, 0).astype(np.uint8), path)
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _running(pid: object) -> bool:
+    """True if another live process has this pid (then its folder is not a leftover)."""
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    if os.name != "posix":
+        return False  # no harmless liveness probe there; a leftover is the likely case
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Remove temporary folders of killed generations for ``root`` (ours by their marker)."""
+    if not root.parent.is_dir():
+        return
+    prefix = f".{root.name}.partial-"
+    for entry in os.scandir(root.parent):
+        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+            continue
+        marker = _read_marker(Path(entry.path) / _PARTIAL)
+        if marker is None or marker.get("target") != root.name or _running(marker.get("pid")):
+            continue
+        logger.info("removing %s, left over by an interrupted synthetic-data run", entry.path)
+        shutil.rmtree(entry.path)
+
+
+def _move_into_place(temporary: Path, root: Path, params: dict) -> None:
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()  # an empty folder the caller made: the finished tree takes its place
+    try:
+        os.rename(temporary, root)
+    except OSError:
+        # Another process finished the same tree first: use it, drop ours.
+        if _read_marker(root / _MARKER) != params:
+            raise
+        shutil.rmtree(temporary)
 
 
 def make_synthetic(name: str, root: str | Path, *, classes: int | None = None, per_class: int = 12,
-                   image_size: int = 96, seed: int = 0) -> Path:
-    """Write a small synthetic ``name`` dataset in its real layout under ``root``.
+                   image_size: int = 96, seed: int = 0, layout: str | None = None) -> Path:
+    """Write a small synthetic ``name`` dataset in a real layout under ``root``.
 
-    ``per_class`` images per class in all (pacemaker: about a fifth of them go to ``Test/``).
+    ``classes`` classes (the dataset's default when None) with ``per_class`` images each, in
+    all splits together.  ``layout`` is one of the dataset module's synthetic layouts (None:
+    the one most users have; e.g. aptos ``three_way``, ``three_way_single``, ``competition``,
+    ``competition_doubled``; orthonet ``kaggle``, ``folders``, ``flat``; pacemaker ``folders``).
     Returns the folder to pass as ``--image_path`` (``root`` itself).
     """
-    name = str(name).lower()
-    if name not in _DEFAULT_CLASSES:
-        raise UserError(f"no synthetic generator for {name!r}; choose pacemaker, orthonet or aptos")
-    classes = _DEFAULT_CLASSES[name] if classes is None else int(classes)
-    if not 2 <= classes <= _MAX_CLASSES[name]:
-        raise UserError(f"classes={classes} for synthetic {name}; use 2..{_MAX_CLASSES[name]}")
+    kind = dataset_kind(name)
+    spec = kind.synthetic
+    if spec is None:
+        raise UserError(f"no synthetic generator for {kind.name!r}")
+    layout = spec.layouts[0] if layout is None else str(layout)
+    if layout not in spec.layouts:
+        raise UserError(f"layout={layout!r} for synthetic {kind.name}; use one of {', '.join(spec.layouts)}")
+    if spec.style not in _STYLES:
+        raise ValueError(f"unknown synthetic style {spec.style!r} in the {kind.name} module")
+    classes = spec.default_classes if classes is None else int(classes)
+    if not 2 <= classes <= spec.max_classes:
+        raise UserError(f"classes={classes} for synthetic {kind.name}; use 2..{spec.max_classes}")
     if per_class < 3:
         raise UserError(f"per_class={per_class}; use at least 3 so every split gets an image")
     if image_size < 16:
         raise UserError(f"image_size={image_size}; use at least 16 pixels")
 
     root = Path(root)
-    params = {"name": name, "classes": classes, "per_class": per_class,
-              "image_size": image_size, "seed": seed, "version": 1}
-    marker = root / _MARKER
+    params = {"name": kind.name, "layout": layout, "classes": classes, "per_class": per_class,
+              "image_size": image_size, "seed": seed, "version": _VERSION}
     if root.exists():
-        if marker.is_file() and json.loads(marker.read_text()) == params:
+        if _read_marker(root / _MARKER) == params:
             return root
-        if any(root.iterdir()):
-            raise UserError(f"{root} is not empty; pass an empty or new folder for the synthetic "
-                            f"{name} dataset")
-    root.mkdir(parents=True, exist_ok=True)
-
-    def image(k: int, n: int, style: str) -> np.ndarray:
-        rng = np.random.default_rng([seed, _DATASET_IDS[name], k, n])
-        return _object_image(rng, image_size, k, classes, style)
-
-    if name == "pacemaker":
-        n_test = max(1, round(per_class * 0.2))
-        for k, cls in enumerate(_pacemaker_names(classes)):
-            for n in range(per_class):
-                split = "Test" if n < n_test else "Train"
-                _save(image(k, n, "pacemaker"), root / split / cls / f"{n:04d}.png")
-    elif name == "orthonet":
-        codes = sorted(_ORTHONET_ORDER[:classes])
-        for k, code in enumerate(codes):
-            for n in range(per_class):
-                _save(image(k, n, "implant"), root / f"{code}_{n:04d}.png")
-    else:
-        ids_rng = np.random.default_rng([seed, _DATASET_IDS[name]])
-        used: set[str] = set()
-
-        def new_id() -> str:
-            while True:
-                ident = ids_rng.bytes(6).hex()
-                if ident not in used:
-                    used.add(ident)
-                    return ident
-
-        rows = []
-        for n in range(per_class):
-            for k in range(classes):
-                ident = new_id()
-                _save(image(k, n, "fundus"), root / "train_images" / f"{ident}.png")
-                rows.append((ident, k))
-        pd.DataFrame(rows, columns=["id_code", "diagnosis"]).to_csv(root / "train.csv", index=False)
-        test_ids = []
-        for n in range(max(2, per_class // 2)):
-            ident = new_id()
-            # Unlabelled, as on Kaggle; drawn from every grade in turn.
-            _save(image(n % classes, per_class + n, "fundus"), root / "test_images" / f"{ident}.png")
-            test_ids.append(ident)
-        pd.DataFrame({"id_code": test_ids}).to_csv(root / "test.csv", index=False)
-
-    marker.write_text(json.dumps(params))
-    logger.info("wrote synthetic %s dataset (%d classes x %d images) to %s",
-                name, classes, per_class, root)
+        if not root.is_dir() or any(root.iterdir()):
+            made = " (a synthetic dataset made with other parameters)" if (root / _MARKER).exists() else ""
+            raise UserError(f"{root} is not empty{made}; pass an empty or new folder for the synthetic "
+                            f"{kind.name} dataset")
+    _remove_leftovers(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temporary = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    temporary.mkdir()
+    try:
+        write_json(temporary / _PARTIAL, {"pid": os.getpid(), "target": root.name})
+        spec.write(temporary, classes, per_class, layout,
+                   _Painter(kind.name, classes, image_size, seed, spec.style))
+        write_json(temporary / _MARKER, params)
+        (temporary / _PARTIAL).unlink()
+        _move_into_place(temporary, root, params)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    logger.info("wrote synthetic %s dataset (%s layout, %d classes x %d images) to %s",
+                kind.name, layout, classes, per_class, root)
     return root

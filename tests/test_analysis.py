@@ -12,8 +12,15 @@ import pandas as pd
 import PIL.Image
 import pytest
 
-from common.analysis import OUTLIER_COLUMNS, analyse, analysis_paths, layer_curve_table, outlier_table, write_outputs
+import torch
+
+from common.analysis import (
+    OUTLIER_COLUMNS, ModeSetup, analyse, analysis_paths, layer_curve_table, outlier_table, write_outputs,
+)
 from common.fixture import _border_mask, fixture_images, make_planted_model
+from common.hooks import HookedViT, resid_post
+from common.imagebank import split_preprocess
+from common.intervention import Intervention
 from common.plots import map_layers
 
 FAMILIES = ("clip", "dinov2")
@@ -28,29 +35,40 @@ def _neurons(planted):
     return grouped
 
 
-@pytest.fixture(scope="module")
-def image_paths(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("analysis_images")
-    paths = []
-    for index, image in enumerate(fixture_images(IMAGES, seed=5)):
-        path = folder / f"image_{index}.png"
-        PIL.Image.fromarray(image).save(path)
-        paths.append(str(path))
-    return paths
+def pixels_of(backbone, images: np.ndarray) -> tuple[torch.Tensor, callable]:
+    """The images through the backbone's PIL steps as ``uint8 [n, 3, H, W]``, and the
+    normalisation that turns them into model inputs."""
+    pil_steps, mean, std, _ = split_preprocess(backbone.preprocess)
+    pixels = torch.stack([torch.from_numpy(np.asarray(pil_steps(PIL.Image.fromarray(im))).transpose(2, 0, 1).copy())
+                          for im in images])
+    return pixels, lambda p: p.float().div(255).sub(mean[:, None, None]).div(std[:, None, None])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def analysed(request, image_paths):
-    pm = make_planted_model(request.param, seed=0)
+def analysed(request):
+    return _analyse(request.param)
+
+
+@pytest.fixture(scope="module")
+def analysed_clip():
+    return _analyse("clip")
+
+
+def _analyse(family: str):
+    pm = make_planted_model(family, seed=0)
+    hooked = HookedViT(pm.backbone)
+    pixels, normalise = pixels_of(pm.backbone, fixture_images(IMAGES, seed=5))
+    ttr = Intervention(_neurons(pm.planted)).fwd_hooks(hooked.token_layout(1))
     analysis = analyse(
-        pm.backbone, image_paths, threshold=pm.config["register_norm_threshold"],
-        detect_layer=pm.config["detect_outliers_layer"], neurons=_neurons(pm.planted), num_registers=1,
-        figure_images=FIGURE_IMAGES, batch_size=4, progress=False)
-    return pm, analysis
+        hooked, pixels, normalise, {"no-ttr": ModeSetup(0, []), "ttr": ModeSetup(1, ttr)},
+        labels=[f"Train/class a/image_{i}.png" for i in range(IMAGES)],
+        threshold=pm.config["register_norm_threshold"], detect_layer=pm.config["detect_outliers_layer"],
+        intervened_layers=sorted(_neurons(pm.planted)), figure_images=FIGURE_IMAGES, batch_size=4)
+    return pm, analysis, pixels, normalise
 
 
 def test_shapes(analysed):
-    pm, analysis = analysed
+    pm, analysis, _, _ = analysed
     backbone = pm.backbone
     n, depth, (rows, cols) = IMAGES, backbone.num_layers, backbone.grid_size
     for mode, registers in (("no-ttr", 0), ("ttr", 1)):
@@ -61,14 +79,15 @@ def test_shapes(analysed):
         assert m.register_norms.shape == (n, registers)
         assert m.cls_entropy.shape == m.cls_on_register.shape == (n,)
         assert m.figure_norms.shape == (FIGURE_IMAGES, depth, rows, cols)
-        assert m.figure_cls_attention.shape == (FIGURE_IMAGES, backbone.num_heads, rows, cols)
+        assert m.figure_cls_attention.shape == (FIGURE_IMAGES, 2, backbone.num_heads, rows, cols)
+        assert m.figure_cls_on_register.shape == (FIGURE_IMAGES, 2, backbone.num_heads)
     assert analysis.figure_inputs.shape[0] == FIGURE_IMAGES and analysis.figure_inputs.shape[-1] == 3
     assert 0.0 <= analysis.figure_inputs.min() and analysis.figure_inputs.max() <= 1.0
     assert analysis.intervened_layers == sorted({layer for layer, _ in pm.planted})
 
 
 def test_norm_maps_differ_where_the_outliers_are_planted(analysed):
-    pm, analysis = analysed
+    pm, analysis, _, _ = analysed
     border = _border_mask(analysis.grid[0]).numpy().reshape(analysis.grid)
     detect, threshold = analysis.detect_layer, analysis.threshold
     no = analysis.modes["no-ttr"].figure_norms[:, detect]        # [F, rows, cols]
@@ -85,7 +104,7 @@ def test_norm_maps_differ_where_the_outliers_are_planted(analysed):
 
 
 def test_outlier_table(analysed, tmp_path):
-    pm, analysis = analysed
+    pm, analysis, _, _ = analysed
     table = outlier_table(analysis)
     assert tuple(table.columns) == OUTLIER_COLUMNS
     assert table["mode"].tolist() == ["no-ttr", "ttr"]
@@ -105,10 +124,9 @@ def test_outlier_table(analysed, tmp_path):
     assert len(curves) == 2 * analysis.num_layers
 
 
-def test_written_outputs(analysed, tmp_path):
-    pm, analysis = analysed
-    if pm.family != "clip":
-        pytest.skip("figures are drawn the same way for both families; drawn once to keep the suite fast")
+def test_written_outputs(analysed_clip, tmp_path):
+    """The figures are drawn the same way for every family: drawn once (CLIP) to keep the suite fast."""
+    pm, analysis, _, _ = analysed_clip
     sections = write_outputs(analysis, tmp_path)
     table = pd.read_csv(tmp_path / "outliers.csv")
     assert tuple(table.columns) == OUTLIER_COLUMNS
@@ -145,3 +163,59 @@ def test_map_layers():
     assert map_layers(6, 5) == list(range(6))
     deep = map_layers(24, 22)
     assert 0 in deep and 23 in deep and 22 in deep and len(deep) <= 13
+
+
+@torch.no_grad()
+def _last_cls_attention(pm, x_last: torch.Tensor) -> torch.Tensor:
+    """The last block's CLS attention ``[B, H, N]`` recomputed from its weights (pre-attention
+    norm, q/k projections, softmax), given the block's input ``x_last [B, N, d]``."""
+    block = pm.backbone.blocks[-1]
+    heads = pm.backbone.num_heads
+    if pm.family == "clip":
+        h = block.ln_1(x_last)
+        width = h.shape[-1]
+        q = h @ block.attn.in_proj_weight[:width].T + block.attn.in_proj_bias[:width]
+        k = h @ block.attn.in_proj_weight[width:2 * width].T + block.attn.in_proj_bias[width:2 * width]
+    else:
+        h = block.norm1(x_last)
+        width = h.shape[-1]
+        qkv = h @ block.attn.qkv.weight.T + block.attn.qkv.bias
+        q, k = qkv[..., :width], qkv[..., width:2 * width]
+    b, n, _ = q.shape
+    q = q.reshape(b, n, heads, -1).transpose(1, 2)
+    k = k.reshape(b, n, heads, -1).transpose(1, 2)
+    scores = (q[:, :, :1] @ k.transpose(-2, -1))[:, :, 0] / (q.shape[-1] ** 0.5)
+    return scores.softmax(dim=-1)
+
+
+def test_planted_outliers_are_attention_sinks(analysed):
+    """Without ttr the last layer's CLS attention piles onto the planted outlier patches; ttr moves
+    it onto the register (entropy over the patches rises, a large share lands on the register).
+    The analysis' numbers equal a recomputation from the weights."""
+    pm, analysis, pixels, normalise = analysed
+    hooked = HookedViT(pm.backbone)
+    last = pm.backbone.num_layers - 1
+    x = normalise(pixels)
+    ttr_hooks = Intervention(_neurons(pm.planted)).fwd_hooks(hooked.token_layout(1))
+    _, plain = hooked.run_with_cache(x, [resid_post(last - 1)])
+    _, moved = hooked.run_with_cache(x, [resid_post(last - 1)], num_registers=1, fwd_hooks=ttr_hooks)
+    grid = analysis.grid[0]
+    border = _border_mask(grid).numpy()
+    for mode, inputs, registers in (("no-ttr", plain, 0), ("ttr", moved, 1)):
+        attention = _last_cls_attention(pm, inputs[resid_post(last - 1)])            # [B, H, N]
+        patches = attention[:, :, 1:1 + grid * grid]
+        p = patches / patches.sum(dim=-1, keepdim=True)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean(dim=1)          # [B]
+        np.testing.assert_allclose(analysis.modes[mode].cls_entropy, entropy.numpy(), rtol=1e-4, atol=1e-5)
+        if registers:
+            on_register = attention[:, :, -1].mean(dim=1)
+            np.testing.assert_allclose(analysis.modes[mode].cls_on_register, on_register.numpy(), rtol=1e-4,
+                                       atol=1e-6)
+        else:
+            on_outliers = patches[:, :, torch.from_numpy(border)].sum(dim=-1).mean(dim=1)
+            assert (on_outliers > 0.5).all(), on_outliers                # sinks: most CLS attention
+            assert border.mean() < 0.3                                   # on a quarter of the patches
+    table = outlier_table(analysis).set_index("mode")
+    assert table.loc["ttr", "cls_attention_entropy"] > table.loc["no-ttr", "cls_attention_entropy"] + 0.5
+    uniform = 1.0 / (grid * grid + 2)
+    assert table.loc["ttr", "cls_attention_on_register"] > 10 * uniform

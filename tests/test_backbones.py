@@ -218,3 +218,45 @@ def test_dinov2_preprocess(dinov2_s14):
     assert tuple(normalize.std) == pytest.approx((0.229, 0.224, 0.225))
     image = Image.new("RGB", (400, 300), (120, 30, 200))
     assert preprocess(image).shape == (3, 224, 224)
+
+
+# ------------------------------------------------------------------------------------------
+# the global RNG, DINOv3 checkpoints
+
+
+def test_loading_weights_leaves_the_global_rng_alone(meta_checkpoints, tmp_path):
+    """Building a model draws its random initialisation; loading real weights over it must not
+    reseed or advance the caller's torch RNG (a run's later draws would change with the backbone)."""
+    path = meta_checkpoints[False]["path"]
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    load_backbone("dinov2", dict(configs.DINOV2, backbone_size="vits14"), weights=path)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(1234)
+    load_backbone("dinov2", dict(configs.DINOV2, backbone_size="vits14"), random_init=True, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_dinov3_checkpoint_reproduces_in_memory_model(tmp_path):
+    """A timm-format DINOv3 checkpoint (safetensors, as on the hub) loads into the 224 px model and
+    gives the model it was saved from, pooled on the final-norm CLS token."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    source = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=224,
+                               global_pool="token").eval()
+    for block in source.blocks:
+        block.gamma_1.data.fill_(0.5)
+        block.gamma_2.data.fill_(0.5)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    bb = load_backbone("dinov3", dict(configs.DINOV3, backbone_size="vits16"), weights=path)
+    x = make_images(2, seed=8)
+    with torch.no_grad():
+        expected = source(x)
+    assert torch.equal(bb.stock_forward(x), expected)
+    assert bb.num_prefix_tokens == 5 and bb.grid_size == (14, 14)
+    assert str(path) in bb.weights_id
+    with pytest.raises(UserError, match="vitb16"):
+        load_backbone("dinov3", dict(configs.DINOV3, backbone_size="vitb16"), weights=path)

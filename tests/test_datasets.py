@@ -1,4 +1,5 @@
-"""Dataset loaders: layouts, splits, skipped files, leaks, errors, splits.csv (issue #4)."""
+"""Dataset loaders: splits, manifests, skipped files, leaks, errors, splits.csv, file names the OS
+allows, the registry (issues #4 and #11).  Every layout with its mess: test_datasets_layouts.py."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from PIL import Image
 
 from common.datasets import (
-    ORTHONET_CLASSES, SPLITS, Dataset, check_data_report, load_dataset, manufacturer_of,
-    write_splits,
+    DATASET_NAMES, KINDS, ORTHONET_CLASSES, SPLITS, Dataset, check_data_report, load_dataset,
+    manufacturer_of, write_splits,
 )
 from common.errors import UserError
 from common.synthetic import make_synthetic
@@ -143,7 +144,7 @@ def test_class_too_small_for_val_carving_from_train(tmp_path):
 
 
 def test_orthonet_flat_files_and_unknown_prefixes(tmp_path, caplog):
-    root = make_synthetic("orthonet", tmp_path / "on", classes=4, per_class=10)
+    root = make_synthetic("orthonet", tmp_path / "on", classes=4, per_class=10, layout="flat")
     png(root / "99_stray.png")
     png(root / "x1_stray.png")
     with caplog.at_level(logging.WARNING):
@@ -197,8 +198,8 @@ def test_orthonet_csv_in_folder(tmp_path):
 # ---------------------------------------------------------------------------- aptos
 
 
-def test_aptos_layout_and_missing_rows(tmp_path, caplog):
-    root = make_synthetic("aptos", tmp_path / "ap", per_class=10)
+def test_aptos_competition_layout_and_missing_rows(tmp_path, caplog):
+    root = make_synthetic("aptos", tmp_path / "ap", per_class=10, layout="competition")
     train = pd.read_csv(root / "train.csv", dtype=str)
     gone = train["id_code"].iloc[:2].tolist()
     for ident in gone:
@@ -213,18 +214,18 @@ def test_aptos_layout_and_missing_rows(tmp_path, caplog):
     assert not ds.table["path"].str.contains("test_images").any()   # test.csv ignored
     assert sum(gone[0] in p for p, _ in ds.skipped) == 1
     msgs = [r.message for r in caplog.records if "train.csv" in r.message]
-    assert msgs and "2 train.csv row(s)" in msgs[0] and gone[0] in msgs[0]
+    assert len(msgs) == 1 and "2 train.csv row(s)" in msgs[0] and gone[0] in msgs[0]
 
 
 @pytest.mark.parametrize("remove", ["train.csv", "train_images"])
 def test_aptos_missing_item_names_it(tmp_path, remove):
-    root = make_synthetic("aptos", tmp_path / "ap", per_class=4)
+    root = make_synthetic("aptos", tmp_path / "ap", per_class=4, layout="competition")
     target = root / remove
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(UserError) as err:
         load_dataset("aptos", root)
     msg = one_line_error(err)
-    assert str(target) in msg and "train.csv" in msg and "train_images" in msg
+    assert str(root) in msg and "train.csv" in msg and "train_images" in msg
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -248,15 +249,27 @@ def test_generic_manifest_with_splits_and_relative_paths(tmp_path):
     assert "official split" in ds.layout
 
 
-def test_manifest_relative_to_image_path_when_given(tmp_path):
-    data = tmp_path / "data"
-    rows = [(f"a{i}.png", "A - x") for i in range(7)] + [(f"b{i}.png", "B - y") for i in range(7)]
+def test_manifest_paths_resolve_against_its_folder(tmp_path, monkeypatch):
+    data = tmp_path / "lists"
+    rows = [(f"../img/a{i}.png", "A - x") for i in range(7)] + [(f"../img/b{i}.png", "B - y") for i in range(7)]
     for p, _ in rows:
         png(data / p)
-    csv = _manifest(tmp_path, rows, header="path,label")
-    ds = load_dataset("pacemaker", data, manifest=csv)
+    csv = _manifest(data, rows, header="path,label")
+    monkeypatch.chdir(tmp_path)                     # not the CSV's folder
+    ds = load_dataset("pacemaker", manifest=Path("lists") / "m.csv")
     assert ds.name == "pacemaker" and ds.root == data
+    assert sorted(ds.table["path"]) == sorted(str((data / p).resolve()) for p, _ in rows)
     assert (ds.counts() > 0).all().all()
+    assert "m.csv" in ds.layout
+
+
+def test_image_path_and_manifest_together_is_an_error(tmp_path):
+    data = make_synthetic("pacemaker", tmp_path / "pm", per_class=5, image_size=16)
+    csv = _manifest(tmp_path, [("x.png", "A")], header="path,label")
+    with pytest.raises(UserError) as err:
+        load_dataset("pacemaker", data, manifest=csv)
+    msg = one_line_error(err)
+    assert "--image_path" in msg and "--manifest" in msg and "one of them" in msg
 
 
 def test_manifest_aptos_grades_map_to_class_names(tmp_path):
@@ -369,7 +382,7 @@ def test_write_splits_and_leaks(tmp_path, caplog):
     written = pd.read_csv(out)
     assert list(written.columns) == ["path", "label", "class_name", "split"]
     assert set(written["split"]) <= set(SPLITS)
-    pd.testing.assert_frame_equal(written, ds.table)
+    pd.testing.assert_frame_equal(written, ds.table, check_dtype=False)
     assert sorted(p.name for p in out.parent.iterdir()) == ["splits.csv"]   # no temp file left
 
 
@@ -398,7 +411,127 @@ def test_nothing_under_the_input_is_modified(tmp_path):
     ds = load_dataset("pacemaker", root)
     check_data_report(ds)
     write_splits(ds, tmp_path / "out" / "splits.csv")
-    aptos = make_synthetic("aptos", tmp_path / "ap")
-    before_aptos = listing(aptos)
-    load_dataset("aptos", aptos)
-    assert listing(root) == before and listing(aptos) == before_aptos
+    assert listing(root) == before
+    for name, spec in ((n, k.synthetic) for n, k in KINDS.items()):
+        for layout in spec.layouts:
+            data = make_synthetic(name, tmp_path / f"{name}-{layout}", per_class=5, image_size=16, layout=layout)
+            before = listing(data)
+            load_dataset(name, data)
+            assert listing(data) == before, (name, layout)
+
+
+# ---------------------------------------------------------------------------- file names, display
+
+
+def _raw_png(path: bytes) -> None:
+    """A PNG at a bytes path (a name that need not be valid UTF-8)."""
+    arr = np.random.default_rng(next(_counter)).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    with open(path, "wb") as fh:
+        Image.fromarray(arr, "RGB").save(fh, format="PNG")
+
+
+def test_any_file_name_survives_into_splits_csv_and_the_report(tmp_path, caplog):
+    root = class_tree(tmp_path / "pm", {"MDT - Adapta": 8, "STJ - Assurity": 8}, "Train")
+    class_tree(root, {"MDT - Adapta": 2, "STJ - Assurity": 2}, "Test")
+    folder = os.fsencode(root / "Train" / "MDT - Adapta")
+    odd = folder + b"/caf\xe9 \xff.png"                  # not valid UTF-8
+    cut = folder + b"/cut \xe9.png"
+    try:
+        _raw_png(odd)
+        _raw_png(cut)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    with open(cut, "r+b") as fh:
+        fh.truncate(30)
+    unicode = png(root / "Train" / "STJ - Assurity" / "café ü 日本, \"quoted\".png")
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset("pacemaker", root)
+    assert os.fsdecode(odd) in set(ds.table["path"]) and str(unicode) in set(ds.table["path"])
+
+    out = tmp_path / "out" / "splits.csv"
+    write_splits(ds, out)
+    raw = out.read_bytes()
+    assert b"caf\xe9 \xff.png" in raw and "café ü 日本".encode() in raw
+    back = pd.read_csv(out, encoding="utf-8", encoding_errors="surrogateescape")
+    assert list(back["path"]) == list(ds.table["path"])
+    assert all(os.path.isfile(os.fsencode(p)) for p in back["path"])    # byte-exact names
+
+    # Messages and the report are printable: the odd bytes shown as \xNN, nothing raises.
+    report = check_data_report(ds)
+    report.encode("utf-8")
+    assert "Train/MDT - Adapta/cut \\xe9.png" in report
+    skipped = [r.message for r in caplog.records if "skipped" in r.message]
+    assert len(skipped) == 1 and "cut \\xe9.png" in skipped[0]
+    assert ds.display(os.fsdecode(odd)) == "Train/MDT - Adapta/caf\\xe9 \\xff.png"
+
+
+def test_names_that_are_not_utf8_inside_a_csv(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = [f"a{i}.png".encode() for i in range(6)] + [b"b\xe9%d.png" % i for i in range(6)]
+    try:
+        for name in names:
+            _raw_png(os.fsencode(folder) + b"/" + name)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    lines = [b"path,label"] + [b"imgs/" + n + (b",A" if n.startswith(b"a") else b",B") for n in names]
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(b"\n".join(lines) + b"\n")
+    ds = load_dataset("manifest", manifest=csv)
+    assert sorted(os.fsencode(p) for p in ds.table["path"]) == sorted(os.fsencode(folder) + b"/" + n for n in names)
+    out = tmp_path / "splits.csv"
+    write_splits(ds, out)
+    assert all(os.fsencode(folder) + b"/" + n in out.read_bytes() for n in names)
+
+
+def test_display_is_relative_to_the_root(tmp_path, caplog):
+    root = class_tree(tmp_path / "pm", {"MDT - Adapta": 8, "STJ - Assurity": 8}, "Train")
+    class_tree(root, {"MDT - Adapta": 2, "STJ - Assurity": 2}, "Test")
+    for cls in ("MDT - Adapta", "STJ - Assurity"):       # the same base name in both classes
+        (root / "Train" / cls / "002.png").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset("pacemaker", root)
+    message = next(r.message for r in caplog.records if "skipped" in r.message)
+    assert "Train/MDT - Adapta/002.png" in message and "Train/STJ - Assurity/002.png" in message
+    assert str(root) not in message
+    assert ds.display(root / "Test" / "MDT - Adapta" / "000.png") == "Test/MDT - Adapta/000.png"
+    outside = tmp_path / "elsewhere.png"
+    assert ds.display(outside) == str(outside)
+
+
+# ---------------------------------------------------------------------------- wrappers, registry
+
+
+def test_a_lone_split_folder_is_not_a_wrapper(tmp_path):
+    root = class_tree(tmp_path / "pm", {"MDT - Adapta": 10, "STJ - Assurity": 10}, "Train")
+    (root / ".DS_Store").write_bytes(b"x")
+    ds = load_dataset("pacemaker", root)
+    assert ds.root == root and "Train/" in ds.layout and "test and val carved" in ds.layout
+    assert set(ds.table["split"]) == set(SPLITS)
+
+
+def test_nested_wrappers_are_descended(tmp_path):
+    inner = tmp_path / "a" / "b" / "pacemaker"
+    class_tree(inner, {"MDT - Adapta": 6, "STJ - Assurity": 6}, "Train")
+    class_tree(inner, {"MDT - Adapta": 2, "STJ - Assurity": 2}, "Test")
+    (tmp_path / "a" / "._b").write_bytes(b"\x00\x05\x16\x07")     # AppleDouble of the folder
+    ds = load_dataset("pacemaker", tmp_path / "a")
+    assert ds.root == inner and "b/pacemaker/" in ds.layout
+
+
+def test_registry_finds_every_dataset_module():
+    assert set(KINDS) == {"pacemaker", "orthonet", "aptos"}
+    assert DATASET_NAMES == (*KINDS, "manifest")
+    for name, kind in KINDS.items():
+        assert kind.name == name and kind.expected and kind.synthetic is not None
+        assert kind.synthetic.layouts and kind.synthetic.default_classes >= 2
+    with pytest.raises(UserError) as err:
+        load_dataset("mnist", "x")
+    assert "pacemaker" in one_line_error(err)
+
+
+def test_report_names_course_order_and_particulars(tmp_path):
+    ds = load_dataset("aptos", make_synthetic("aptos", tmp_path / "ap", per_class=5, image_size=16))
+    report = check_data_report(ds)
+    assert "three-way" in report and "the same as ours" in report
+    assert "Manufacturers" not in report

@@ -64,11 +64,14 @@ def plain_forward(model, family, image, detect_index):
     return residual[0][0], torch.stack([acts[layer][0] for layer in range(len(blocks))])
 
 
-def reference_detection(per_image, threshold):
+def reference_detection(per_image, threshold, trained_registers=0):
     """``per_image``: list of (residual [N, d], acts [L, N, D]).  Returns (scores [L, D] float64,
-    counted images)."""
+    counted images).  Trained registers (positions 1..T) are dropped first: SPEC §5 looks at CLS
+    and the image patches only."""
     total, counted = None, 0
     for residual, acts in per_image:
+        keep = [0] + list(range(1 + trained_registers, residual.shape[0]))
+        residual, acts = residual[keep], acts[:, keep]
         norms = residual.double().norm(dim=-1)                       # [N]
         outlier = norms > threshold
         if not bool(outlier.any()):
@@ -252,6 +255,65 @@ def test_batched_detection_matches_per_image_on_fixture(planted):
     assert_matches_reference(result, ref_scores, (depth, width))
 
 
+@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
+def test_trained_registers_are_neither_outliers_nor_counted(family):
+    """A fixture whose 4 trained registers are high-norm by design (above the threshold at the
+    detect layer in every image): detection must equal the reference that looks at CLS and the
+    image patches only, rank the planted neurons first - and differ from what counting the
+    trained registers would give."""
+    pm = make_planted_model(family, seed=0, trained_registers=4)
+    backbone = pm.backbone
+    assert backbone.num_prefix_tokens == 5
+    x = to_batch(backbone, fixture_images(6, seed=4))
+    k, threshold = pm.config["detect_outliers_layer"], 60.0
+    depth = backbone.num_layers
+    detect_index = depth + k
+    per_image = [plain_forward(backbone.model, family, x[i], detect_index) for i in range(len(x))]
+    trained_norms = torch.stack([residual[1:5].norm(dim=-1) for residual, _ in per_image])
+    assert (trained_norms > threshold).all(), trained_norms      # high-norm by design
+    ref_scores, ref_counted = reference_detection(per_image, threshold, trained_registers=4)
+    result = detect_register_neurons(HookedViT(backbone), [x[:4], x[4:]], detect_layer=k, threshold=threshold)
+    assert result.images_counted == ref_counted == 6
+    assert_matches_reference(result, ref_scores, (depth, backbone.mlp_width))
+    assert {(l, n) for l, n, _ in result.ranked[:3]} == set(pm.planted)
+    counting_them, _ = reference_detection(per_image, threshold, trained_registers=0)
+    assert np.abs(counting_them - ref_scores).max() > 1.0           # the exclusion matters
+
+
+def test_following_the_suggested_threshold_finds_outliers(planted):
+    """The no-outlier error's suggestion, as printed, and ``auto`` both find outliers."""
+    pm = planted
+    backbone = pm.backbone
+    x = to_batch(backbone, fixture_images(4, seed=6))
+    k = pm.config["detect_outliers_layer"]
+    hooked = HookedViT(backbone)
+    with pytest.raises(NoOutliersError) as caught:
+        detect_register_neurons(hooked, [x], detect_layer=k, threshold=1e6)
+    norms = collect_norms(hooked, [x], k)
+    suggestion, _ = suggest_threshold(norms)
+    message = str(caught.value.with_suggestion(suggestion))
+    printed = float(message.split("register_norm_threshold=")[2].split()[0])
+    assert printed < caught.value.max_norm
+    result = detect_register_neurons(hooked, [x], detect_layer=k, threshold=printed)
+    assert result.images_counted >= 1
+
+
+def test_auto_threshold_on_unimodal_norms_finds_outliers(clip_b16):
+    """Random ViT-B/16 weights and noise images: no register-like mode, yet the suggestion
+    lies below the largest norm, says so, and detection with it counts an image."""
+    x = make_noise_images(2)
+    hooked = HookedViT(clip_b16)
+    norms = collect_norms(hooked, [x], -1)
+    threshold, reason = suggest_threshold(norms)
+    assert threshold < norms.max()
+    result = detect_register_neurons(hooked, [x], detect_layer=-1, threshold=threshold)
+    assert result.images_counted >= 1
+
+
+def make_noise_images(count: int) -> torch.Tensor:
+    return torch.randn(count, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+
+
 def test_sparsity_filter_uses_signed_activations():
     """GELU hardly goes below 0, so the fixture cannot tell ``act < 0.5`` from ``|act| < 0.5``.
     With the MLP activation replaced by the identity (signed hidden units, many below -0.5) the
@@ -375,14 +437,23 @@ def test_suggest_threshold_gap_and_mad_fallback():
     assert threshold == pytest.approx(math.sqrt(ordinary_max * outlier_min))
     assert "gap" in reason
 
-    # Unimodal: no gap; median + 10 x MAD.
-    norms = rng.lognormal(mean=3.0, sigma=0.1, size=5000)
+    # Unimodal with a tail past 10 MADs (no 1.5x gap anywhere): median + 10 x MAD.
+    norms = np.concatenate([rng.normal(20, 1, 5000), [26.0, 28.0, 30.0, 33.0]])
     threshold, reason = suggest_threshold(norms)
     median = np.median(norms)
     mad = np.median(np.abs(norms - median))
     assert threshold == pytest.approx(median + 10 * mad)
     assert "MAD" in reason and "no gap" in reason
-    assert threshold > norms.max()
+    assert threshold < norms.max()
+
+    # Unimodal, nothing 10 MADs out: still strictly below the largest norm (following the
+    # advice must find outliers), between the two largest, and the reason says the norms look
+    # unimodal.
+    norms = rng.lognormal(mean=3.0, sigma=0.1, size=5000)
+    threshold, reason = suggest_threshold(norms)
+    ordered = np.sort(norms)
+    assert ordered[-2] < threshold < ordered[-1]
+    assert "unimodal" in reason and "no gap" in reason
 
     with pytest.raises(UserError):
         suggest_threshold(np.zeros(0))

@@ -12,10 +12,11 @@ import torch
 
 from common.detection import detect_register_neurons
 from common.fixture import IMAGE_SIZE, fixture_images, make_planted_model
-from common.hooks import Capture, HookedViT
+from common.hooks import HookedViT, resid_post
 from common.intervention import Intervention
+from conftest import names, run
 
-FAMILIES = ("clip", "dinov2")
+FAMILIES = ("clip", "dinov2", "dinov3")
 
 
 def to_batch(backbone, images):
@@ -89,8 +90,10 @@ def test_planted_model_is_deterministic_and_of_the_right_kind(family):
     assert first.family == family and first.backbone.family == family
     if family == "clip":
         from open_clip.transformer import VisionTransformer
-    else:
+    elif family == "dinov2":
         from timm.models.vision_transformer import VisionTransformer
+    else:
+        from timm.models.eva import Eva as VisionTransformer   # DINOv3-style: RoPE, 4 trained registers
     assert isinstance(first.backbone.model, VisionTransformer)
     assert first.planted == again.planted
     state, state_again, state_other = (m.backbone.model.state_dict() for m in (first, again, other))
@@ -117,6 +120,10 @@ def test_outliers_are_exactly_where_planted_neurons_fire(family):
     planted_layer = pm.planted[0][0]
     ids = [n for _, n in pm.planted]
     acts, norms = own_forward(pm.backbone.model, family, x, planted_layer, detect_index(pm))
+    prefix = pm.backbone.num_prefix_tokens                           # CLS + trained registers
+    # CLS and the image patches: the positions detection looks at (trained registers left out)
+    keep = [0] + list(range(prefix, acts.shape[1]))
+    acts, norms = acts[:, keep], norms[:, keep]
     planted_acts = acts[:, :, ids]                                   # [B, N, S]
     fires = planted_acts.max(dim=2).values > 1.0                     # [B, N]
     assert not fires[:, 0].any()                                     # never CLS
@@ -163,20 +170,20 @@ def test_ttr_moves_the_outlier_onto_the_register(detected):
     selected = result.select(pm.config["highest_layer"], pm.config["top_k"])
     x = to_batch(backbone, fixture_images(8, seed=11))
     n_patches = backbone.num_patches
-    assert backbone.num_prefix_tokens == 1
+    prefix = backbone.num_prefix_tokens                   # 1, or 5 with DINOv3's trained registers
 
-    _, plain = hooked.run(x, capture=Capture(residual=(k,)))
-    plain_norms = plain[("residual", k)].norm(dim=-1)
-    assert plain_norms.shape == (8, 1 + n_patches)
-    plain_patch_max = plain_norms[:, 1:].max(dim=1).values
+    _, plain = run(hooked, x, capture=names(residual=(k,)))
+    plain_norms = plain[resid_post(k)].norm(dim=-1)
+    assert plain_norms.shape == (8, prefix + n_patches)
+    plain_patch_max = plain_norms[:, prefix:].max(dim=1).values
     assert (plain_patch_max > threshold).all(), plain_patch_max
 
     intervention = Intervention(selected)
     assert intervention.normal_values == "zero" and intervention.scale == 1.0
-    _, ttr = hooked.run(x, num_registers=1, intervention=intervention, capture=Capture(residual=(k,)))
-    norms = ttr[("residual", k)].norm(dim=-1)
-    assert norms.shape == (8, 1 + n_patches + 1)
-    patch_max = norms[:, 1:1 + n_patches].max(dim=1).values
+    _, ttr = run(hooked, x, num_registers=1, intervention=intervention, capture=names(residual=(k,)))
+    norms = ttr[resid_post(k)].norm(dim=-1)
+    assert norms.shape == (8, prefix + n_patches + 1)
+    patch_max = norms[:, prefix:prefix + n_patches].max(dim=1).values
     register = norms[:, -1]
     assert (patch_max < threshold).all(), patch_max
     assert (register > threshold).all(), register
@@ -205,8 +212,21 @@ def _own_ttr_norms(pm, x, selected, detect_index):
 
     if family == "clip":
         handles.append(model.ln_pre.register_forward_pre_hook(lambda m, args: (append(args[0]),)))
-    else:
+    elif family == "dinov2":
         handles.append(model.patch_drop.register_forward_hook(lambda m, args, out: append(out)))
+    else:
+        # timm's Eva: after _pos_embed, before norm_pre; the rotary table gets one no-rotation
+        # row (sin 0, cos 1) for the appended token, which has no position.
+        handles.append(model.norm_pre.register_forward_pre_hook(lambda m, args: (append(args[0]),)))
+
+        def extend(module, args, kwargs):
+            rope = kwargs["rope"]
+            half = rope.shape[-1] // 2
+            row = torch.cat([torch.zeros(1, half), torch.ones(1, half)], dim=1)
+            return args, {**kwargs, "rope": torch.cat([rope, row], dim=0)}
+
+        handles += [block.register_forward_pre_hook(extend, with_kwargs=True) for block in blocks]
+    prefix = pm.backbone.num_prefix_tokens
 
     def intervene(ids):
         def hook(module, args):
@@ -216,7 +236,7 @@ def _own_ttr_norms(pm, x, selected, detect_index):
                 largest, most_negative = values.max(), values.min()
                 m = largest if largest.abs() > most_negative.abs() else most_negative
                 acts[b, -1, ids] = m
-                acts[b, 1:-1, ids] = 0.0
+                acts[b, prefix:-1, ids] = 0.0
             return (acts,)
         return hook
 

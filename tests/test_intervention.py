@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.hooks import Capture, HookedViT
+from common.hooks import HookedViT, mlp_post, resid_post
 from common.intervention import Intervention, apply_intervention, signed_max
+from conftest import names, run
 
 S = [1, 3]          # intervened neurons
 OTHER = [0, 2, 4]   # neurons that must never change
@@ -168,13 +169,13 @@ def test_reg_model_intervention_flows_on_and_spares_trained_registers(dinov2_s14
     mid = {}
     handle = block.norm2.register_forward_hook(lambda m, args, out: mid.__setitem__("x", args[0]))
     try:
-        plain, base = hooked.run(x, num_registers=R, capture=Capture(neurons=(layer,)))
+        plain, base = run(hooked, x, num_registers=R, capture=names(neurons=(layer,)))
         iv = Intervention(neurons={layer: neurons}, scale=scale, normal_values="mean")
-        moved, cache = hooked.run(x, num_registers=R, intervention=iv,
-                                  capture=Capture(neurons=(layer,), residual=(layer,)))
+        moved, cache = run(hooked, x, num_registers=R, intervention=iv,
+                                  capture=names(neurons=(layer,), residual=(layer,)))
     finally:
         handle.remove()
-    before, after = base[("neurons", layer)], cache[("neurons", layer)]
+    before, after = base[mlp_post(layer)], cache[mlp_post(layer)]
     assert after.shape == (2, prefix + num_patches + R, bb.mlp_width)
     # CLS and the 4 trained registers: exactly what they are without the intervention
     assert torch.equal(after[:, :prefix], before[:, :prefix])
@@ -192,7 +193,7 @@ def test_reg_model_intervention_flows_on_and_spares_trained_registers(dinov2_s14
     # the modified activations are what flows on: block output = mid + ls2(fc2(modified))
     with torch.no_grad():
         expected_residual = mid["x"] + block.ls2(block.mlp.fc2(after))
-    torch.testing.assert_close(cache[("residual", layer)], expected_residual, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache[resid_post(layer)], expected_residual, rtol=0, atol=1e-5)
     assert (moved - plain).abs().max() > 1e-4, "the intervention changed nothing downstream"
 
 
@@ -202,9 +203,9 @@ def test_interventions_on_two_layers_compose(clip_b16, images):
     x = images[:1]
     first = Intervention(neurons={2: [10, 20]}, scale=1.5)
     both = Intervention(neurons={2: [10, 20], 4: [7, 2000, 3000]}, scale=1.5, normal_values="zero")
-    _, base = hooked.run(x, num_registers=1, intervention=first, capture=Capture(neurons=(4,)))
-    _, cache = hooked.run(x, num_registers=1, intervention=both, capture=Capture(neurons=(4,)))
-    before, after = base[("neurons", 4)], cache[("neurons", 4)]
+    _, base = run(hooked, x, num_registers=1, intervention=first, capture=names(neurons=(4,)))
+    _, cache = run(hooked, x, num_registers=1, intervention=both, capture=names(neurons=(4,)))
+    before, after = base[mlp_post(4)], cache[mlp_post(4)]
     S4 = [7, 2000, 3000]
     m = own_signed_max(before[:, :, S4])
     torch.testing.assert_close(after[:, -1, S4], (1.5 * m)[:, None].expand(1, 3), rtol=0, atol=1e-6)
@@ -217,13 +218,13 @@ def test_batch_equals_images_alone(fixture, request, images):
     bb = request.getfixturevalue(fixture)
     hooked = HookedViT(bb)
     iv = Intervention(neurons={2: [0, 11, 222], 5: [3, 4]}, scale=1.0, normal_values="zero")
-    capture = Capture(residual=(6,))
-    pooled, cache = hooked.run(images, num_registers=1, intervention=iv, capture=capture)
+    capture = names(residual=(6,))
+    pooled, cache = run(hooked, images, num_registers=1, intervention=iv, capture=capture)
     assert pooled.shape[0] == 3
     for b in range(3):
-        alone, alone_cache = hooked.run(images[b:b + 1], num_registers=1, intervention=iv, capture=capture)
+        alone, alone_cache = run(hooked, images[b:b + 1], num_registers=1, intervention=iv, capture=capture)
         torch.testing.assert_close(pooled[b:b + 1], alone, rtol=0, atol=1e-5)
-        torch.testing.assert_close(cache[("residual", 6)][b:b + 1], alone_cache[("residual", 6)],
+        torch.testing.assert_close(cache[resid_post(6)][b:b + 1], alone_cache[resid_post(6)],
                                    rtol=0, atol=1e-5)
     # the three images do differ (otherwise the check above proves nothing)
     assert (pooled[0] - pooled[1]).abs().max() > 1e-2
