@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test check bench clean-venv
+.PHONY: demo study-demo test test-fast bench clean-venv
 
 $(PY): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,12 +13,22 @@ $(PY): requirements.txt
 demo: $(PY)
 	$(PY) test_aptos.py --demo --model dinov2 --out runs/demo_aptos_dinov2
 
+# A small study grid (3 datasets x clip, dinov2 x normal_values zero, mean) on the planted fixture.
+study-demo: $(PY)
+	$(PY) -m common.study --demo --out runs/study_demo
+
 test: $(PY)
 	$(PY) -m pytest
 
+# Everything but the end-to-end runs of the entry scripts.
+test-fast: $(PY)
+	$(PY) -m pytest -m "not slow"
+
 bench: $(PY)
-	$(PY) benchmarks/throughput.py --model clip --quick
-	$(PY) benchmarks/throughput.py --model dinov2 --quick
+	$(PY) benchmarks/throughput.py --model clip --quick --json bench_clip.json
+	$(PY) benchmarks/throughput.py --model dinov2 --quick --json bench_dinov2.json
+	$(PY) benchmarks/scale.py --quick --json bench_scale.json
+	$(PY) benchmarks/probe.py --json bench_probe.json
 
 clean-venv:
 	rm -rf $(VENV)

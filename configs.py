@@ -72,6 +72,7 @@ RUN_DEFAULTS = {
     "probe_weight_decay_grid": (1e-4, 1e-2),
     "probe_max_epochs": 200,
     "probe_patience": 15,
+    "probe_min_delta": 1e-4,      # a val-loss improvement must exceed this fraction of the best to count
     "probe_class_weights": False,
     "bootstrap_resamples": 1000,
     "figure_images": 4,           # test images drawn in the norm and attention maps

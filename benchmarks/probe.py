@@ -7,7 +7,8 @@
 The problem: 5,000 train x 1,024 features, 45 classes, 1,000 validation and 1,000 test rows,
 random but learnable (45 Gaussian classes whose means differ by ``CLASS_SPREAD`` standard
 deviations per feature, each feature then scaled and shifted so standardisation matters;
-about half the test rows are classified right, the probes stop early after 17-50 epochs).
+the seeds' ensemble classifies 54% of the test rows right, and the chosen probes stop early,
+at epoch 50-52 with their best epoch 35-37).
 The probe runs with ``configs.RUN_DEFAULTS``' probe settings: lr grid 1e-3, 3e-3, 1e-2 x
 weight decay 1e-4, 1e-2, 3 seeds, up to 200 epochs, patience 15.
 
@@ -38,7 +39,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -55,16 +55,13 @@ import torch  # noqa: E402
 import configs  # noqa: E402
 import common.probe as probe_module  # noqa: E402
 from common.probe import LinearProbe, ProbeConfig, fit_probes  # noqa: E402
+from benchmarks.timing import log, machine_info, summarise  # noqa: E402
 
 N_TRAIN, N_VAL, N_TEST, N_FEATURES, N_CLASSES = 5000, 1000, 1000, 1024, 45
 CLASS_SPREAD = 0.1
 DATA_SEED = 0
 MIN_REPEATS = 3
 BURNER = "while True:\n    pass\n"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,26 +165,6 @@ def stop_burners(burners: list[subprocess.Popen]) -> None:
 # statistics and output
 
 
-def summarise(values: list[float]) -> dict:
-    array = np.asarray(values, dtype=np.float64)
-    return {"median": float(np.median(array)), "min": float(array.min()), "max": float(array.max()),
-            "values": [float(v) for v in array]}
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu": cpu, "platform": platform.platform()}
-
-
 def benchmark(args: argparse.Namespace) -> dict:
     data = make_features()
     config = probe_config(args.no_early_stop)
@@ -250,7 +227,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         proba_old, chosen_old = results["old"]
         report["agreement_with_old"] = {
             "max_abs_proba_diff": float(np.abs(proba_old - proba_new).max()),
-            "same_choice": [(a["lr"], a["weight_decay"], a["best_epoch"]) == (b["lr"], b["weight_decay"], b["best_epoch"])
+            "same_choice": [all(a[key] == b[key] for key in ("lr", "weight_decay", "best_epoch"))
                             for a, b in zip(chosen_old, chosen_new)],
         }
     return report

@@ -46,7 +46,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -63,16 +62,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import configs  # noqa: E402
-from common.backbones import Backbone, load_backbone, mlp_output_projection  # noqa: E402
+from common.backbones import Backbone, load_backbone  # noqa: E402
+from common.cache import Cache, cache_key  # noqa: E402
 from common.detection import (  # noqa: E402
-    SPARSE_ACTIVATION, SPARSE_FRACTION, NoOutliersError, collect_norms, detect_register_neurons,
-    detection_batch_size,
+    NoOutliersError, collect_norms, detect_register_neurons, detection_batch_size,
 )
-from common.features import (  # noqa: E402
-    MODES, FeatureCache, cache_key, extract_features, file_fingerprints, image_loader, mode_settings,
-)
+from common.features import FeatureSet, extract_features  # noqa: E402
 from common.hooks import HookedViT  # noqa: E402
-from common.intervention import Intervention  # noqa: E402
+from common.imagebank import ImageBank  # noqa: E402
+from common.intervention import Intervention, mode_setup  # noqa: E402
+from common.modes import MODES  # noqa: E402
+from common.neurons import SPARSE_ACTIVATION, SPARSE_FRACTION  # noqa: E402
+from benchmarks.timing import log, machine_info, summarise  # noqa: E402
 
 TARGETS: dict[str, tuple[str, float]] = {
     "hooked_over_stock": ("<=", 1.02),
@@ -116,10 +117,6 @@ PNG_SIZE = 96
 # Decoding in the main process: no worker start-up in the "first" side, which makes it shorter
 # and cached_over_first larger (conservative) than with the run's num_workers.
 FIRST_NUM_WORKERS = 0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +185,7 @@ def reference_detection(backbone: Backbone, images: torch.Tensor, detect_index: 
             handles.append(block.register_forward_hook(
                 lambda module, args, output, layer=layer:
                     outputs[layer].append(output.detach().cpu().numpy())))
-            handles.append(mlp_output_projection(backbone, layer).register_forward_pre_hook(
+            handles.append(backbone.adapter.mlp_out(layer).register_forward_pre_hook(
                 lambda module, args, layer=layer:
                     activations[layer].append(args[0].detach().cpu().numpy())))
             if backbone.family == "clip":
@@ -243,18 +240,6 @@ def ranking_to_scores(ranked, layers: int, width: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # statistics
-
-
-def summarise(values: list[float]) -> dict:
-    array = np.asarray(values, dtype=np.float64)
-    return {
-        "median": float(np.median(array)),
-        "min": float(array.min()),
-        "max": float(array.max()),
-        "q1": float(np.percentile(array, 25)),
-        "q3": float(np.percentile(array, 75)),
-        "values": [float(v) for v in array],
-    }
 
 
 def meets(key: str, value: float) -> bool:
@@ -369,22 +354,6 @@ def measure_memory(model: str, batch: int, n: int, threshold: float, pairs: int)
 # one model
 
 
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "cpu": cpu, "platform": platform.platform(),
-    }
-
-
 def benchmark(model: str, quick: bool, overrides: dict) -> dict:
     preset = dict(PRESETS[(model, quick)])
     preset.update({k: v for k, v in overrides.items() if v is not None})
@@ -417,20 +386,20 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
         f"{np.median(norms):.2f}, max {norms.max():.2f})")
 
     selected = random_register_neurons(backbone, config)
-    intervention = Intervention(neurons=selected, scale=float(config["scale"]),
-                                normal_values=config["normal_values"])
+    intervention = Intervention.from_config(selected, config)
     num_registers = int(config["num_registers"])
+    ttr_hooks = intervention.fwd_hooks(hooked.token_layout(num_registers))
 
     # the run's features for cached-vs-first: PNGs on disk, every (mode, split)
     workdir = tempfile.TemporaryDirectory(prefix="ttr-bench-")
     paths = write_pngs(Path(workdir.name), preset["splits"])
-    cache = FeatureCache(Path(workdir.name) / "cache")
+    cache_round = [0]
 
-    def description(mode: str, split_paths: list[str]) -> dict:
-        registers, iv = mode_settings(mode, num_registers, intervention)
-        return {"family": backbone.family, "weights": backbone.weights_id, "activation": backbone.activation,
-                "preprocess": backbone.preprocess_id, "mode": mode, "num_registers": registers,
-                "intervention": iv.describe() if iv else None, "images": file_fingerprints(split_paths)}
+    def key_of(mode: str, split_paths: list[str]) -> str:
+        registers, iv = mode_setup(mode, intervention, num_registers)
+        return cache_key({"kind": "features", "weights": backbone.weights_id, "mode": mode, "registers": registers,
+                          "intervention": iv.describe() if iv else None, "images": split_paths,
+                          "round": cache_round[0]})
 
     # ---- the sides
     def side_stock():
@@ -438,10 +407,10 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
             backbone.stock_forward(images)
 
     def side_no_ttr():
-        extract_features(hooked, batches, num_registers=0, intervention=None)
+        extract_features(hooked, batches)
 
     def side_ttr():
-        extract_features(hooked, batches, num_registers=num_registers, intervention=intervention)
+        extract_features(hooked, batches, num_registers=num_registers, fwd_hooks=ttr_hooks)
 
     # Only the first result of each is kept (for the agreement check): a growing pile of
     # rankings (L x D Python tuples each) would slow Python's garbage collector, and with it
@@ -462,21 +431,25 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
             reference_outputs.append(result)
 
     def side_first():
+        # a fresh cache each round: the images decoded once (no image cache), every (mode, split)
+        # extracted and written to the feature cache
+        cache_round[0] += 1
+        cache = Cache(Path(workdir.name) / f"cache_{cache_round[0]}")
+        bank = ImageBank(backbone.preprocess, cache=Cache(None), num_workers=FIRST_NUM_WORKERS)
         for mode in MODES:
-            registers, iv = mode_settings(mode, num_registers, intervention)
+            registers, iv = mode_setup(mode, intervention, num_registers)
+            hooks = iv.fwd_hooks(hooked.token_layout(registers)) if iv else []
             for split, split_paths in paths.items():
-                desc = description(mode, split_paths)
-                key = cache_key(desc)
-                loader = image_loader(split_paths, backbone.preprocess, run_defaults["batch_size"],
-                                      FIRST_NUM_WORKERS, backbone.device)
-                features = extract_features(hooked, loader, num_registers=registers, intervention=iv)
-                cache.save(key, features, {k: v for k, v in desc.items() if k != "images"})
+                features = extract_features(hooked, bank.batches(split_paths, run_defaults["batch_size"]),
+                                            num_registers=registers, fwd_hooks=hooks)
+                cache.save("features", key_of(mode, split_paths), features.arrays())
 
     def side_cached():
+        cache = Cache(Path(workdir.name) / f"cache_{cache_round[0]}")
         for mode in MODES:
             for split, split_paths in paths.items():
-                features = cache.load(cache_key(description(mode, split_paths)))
-                if features is None or len(features.pooled) != len(split_paths):
+                arrays = cache.load("features", key_of(mode, split_paths))
+                if arrays is None or len(FeatureSet(arrays["pooled"], arrays["patch_mean"]).pooled) != len(split_paths):
                     raise RuntimeError(f"cache miss for {mode}/{split}")
 
     # The order makes both sides of every ratio neighbours in time: ttr | no_ttr | stock |

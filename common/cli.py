@@ -22,6 +22,8 @@ from common.options import DatasetSpec, RunOptions
 log = logging.getLogger("common")
 
 MODELS = ("clip", "dinov2", "dinov3")
+# config keys that choose or build a real model: the planted demo model has none of them
+DEMO_IGNORED_KEYS = ("backbone_size", "model_name", "pretrained", "force_quick_gelu")
 
 
 def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
@@ -147,6 +149,11 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
         parser.error("--image_path is required (or --manifest FILE, or --demo to try the tool)")
     if args.demo and (args.weights or args.neurons == "paper"):
         raise UserError("--demo runs the planted model: --weights and --neurons paper do not apply to it")
+    building = [item.split("=", 1)[0].strip() for item in args.set
+                if item.split("=", 1)[0].strip() in DEMO_IGNORED_KEYS]
+    if args.demo and building:
+        raise UserError(f"--demo runs the planted model: --set {building[0]} does not apply to it (it would only be "
+                        "recorded); leave it out, or run a real model without --demo")
     demo_defaults = None
     if args.demo:
         from common.demo import demo_defaults as defaults_of

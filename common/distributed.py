@@ -10,11 +10,14 @@ A single process (no ``WORLD_SIZE``) is a :class:`Dist` of one, and every helper
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
+
+TIMEOUT_HOURS = 6
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,10 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Ranks wait at the next collective while rank 0 trains probes and draws figures (and, in a
+        # study, between cells): the default 10-minute timeout would end a long run.
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=TIMEOUT_HOURS))
     return Dist(rank=rank, world=world), device
 
 

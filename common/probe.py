@@ -20,20 +20,23 @@ Two implementations of the same procedure:
   :class:`LinearProbe` with its (lr, weight decay, seed) up to float32 round-off.
 
 Convergence: a probe *converged* when early stopping fired, i.e. its validation loss went
-``patience`` consecutive epochs without improving on its best, at or before ``max_epochs``
+``patience`` consecutive epochs without improving on its best by more than ``min_delta``
+(relative, 1e-4 by default as in torch's ReduceLROnPlateau), at or before ``max_epochs``
 (equivalently ``epochs_run - best_epoch >= patience`` with every validation loss finite).  A
 probe that was still improving (best epoch within the last ``patience`` epochs) when the
 epoch budget ran out, or whose validation loss became NaN/inf, did not converge; SPEC §7
 asks for that to be reported, and :func:`fit_probes` logs one warning per call.
 
-Threads: everything runs in float32 on the CPU on **one** torch thread (:func:`_probe_threads`;
-the caller's setting is restored afterwards).  Measured on a 2-core machine, intra-op threads
-that wait on each other made the probe ~45x slower under load (8 busy processes beside it),
-while one thread per seed never waits.  On a machine with several cores the seeds run in
-parallel worker threads, each single-threaded (:data:`PROBE_WORKERS`).  Randomness comes
-only from generators seeded by ``seed`` (never the global torch or numpy state), and each
-seed's grid is computed by one thread in a fixed order, so the same seed and data give
-bit-identical probabilities on the same machine whatever the load or worker count.
+Threads: everything runs in float32 on the CPU with torch on **one** intra-op thread
+(:func:`_probe_threads`; the caller's setting is restored afterwards, also on errors), and the
+seeds train side by side in worker threads (:func:`_worker_count`) that never wait for each
+other.  Measured with ``benchmarks/probe.py`` on 2 cores (5,000 x 1,024 train features, 45
+classes, 3 seeds, the default grid; one mode): the previous code (one probe after another on
+torch's 2 threads) took 12.8 s quiet and 1,417 s beside 8 busy processes, this one 4.8 s and
+16.8 s.  Randomness comes only from generators seeded by ``seed`` (never the global torch or
+numpy state), and each seed's grid is computed start to end by one thread in a fixed order,
+so the same seed and data give bit-identical probabilities on the same machine whatever the
+load or the number of workers.
 """
 
 from __future__ import annotations
@@ -95,6 +98,14 @@ class ProbeConfig:
     grad_clip: float | None = 1.0
     class_weights: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)
+    # An epoch counts as an improvement only when the validation loss falls below the best by
+    # more than this fraction of it (torch's ReduceLROnPlateau default, relative mode): on nearly
+    # separable data the loss creeps down forever and early stopping would never fire.
+    min_delta: float = 1e-4
+
+    def improves(self, loss: float, best: float) -> bool:
+        """True when ``loss`` improves on ``best`` by more than ``min_delta`` (relative)."""
+        return loss < best * (1.0 - self.min_delta) if math.isfinite(best) else loss < best
 
     def __post_init__(self) -> None:
         self.lr_grid = tuple(float(v) for v in self.lr_grid)
@@ -116,6 +127,8 @@ class ProbeConfig:
             raise UserError(f"probe grad_clip={self.grad_clip!r} must be a positive number (or None to disable)")
         if not self.seeds:
             raise UserError("probe seeds is empty; give at least one seed, e.g. probe_seeds=(0, 1, 2)")
+        if not (math.isfinite(self.min_delta) and 0 <= self.min_delta < 1):
+            raise UserError(f"probe min_delta={self.min_delta!r} must be a number in [0, 1)")
 
 
 # --------------------------------------------------------------------------- validation
@@ -196,11 +209,12 @@ def _balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 def _probe_threads():
     """Run torch on :data:`PROBE_THREADS` intra-op threads; restore the previous setting on exit.
 
-    Why one thread: the probe's matrices are small (a mini-batch of 256 rows), so intra-op
-    threads gain at most 2x on an idle machine, and on a busy one each thread waits for the
-    others at every operation: measured 692 s instead of ~15 s for one mode at load 10 on 2
-    cores.  One thread cannot wait for another, and it keeps results independent of the
-    thread count.
+    Why one thread: the probe's matrices are small (a mini-batch of 256 rows), and on a busy
+    machine intra-op threads wait for each other at every operation: the previous code, on
+    torch's 2 threads, took 1,417 s instead of 12.8 s for one mode beside 8 busy processes on
+    2 cores (369 s of CPU, most of it spent waiting).  One thread cannot wait for another, and
+    it keeps the results independent of the thread count; the cores are used by running the
+    seeds in parallel instead (:func:`_fit_seeds`).
     """
     previous = torch.get_num_threads()
     wanted = PROBE_THREADS
@@ -418,7 +432,7 @@ class LinearProbe:
                 logger.debug("probe (lr=%g, wd=%g, seed=%d): val loss is %s at epoch %d; stopping",
                              self.lr, self.weight_decay, self.seed, val_loss, epoch)
                 break
-            if val_loss < best_loss:
+            if cfg.improves(val_loss, best_loss):
                 best_loss, best_epoch, since_best = val_loss, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
@@ -540,7 +554,7 @@ def _fit_grid(
     converged = [False] * G
     history: list[list[dict]] = [[] for _ in range(G)]
 
-    # Validation loss terms that do not change: the label index and the class weights.
+    # The validation rows' class weights do not change between epochs.
     if weight_c is not None:
         wv = weight_c[yv]  # [Nv]
         wv_sum = wv.sum()
@@ -623,7 +637,7 @@ def _fit_grid(
                 logger.debug("probe (lr=%g, wd=%g, seed=%d): val loss is %s at epoch %d; stopping",
                              lr0[g], wd[g], seed, val_loss, epoch)
                 continue  # stops: not kept
-            if val_loss < best_loss[g]:
+            if cfg.improves(val_loss, best_loss[g]):
                 best_loss[g], best_epoch[g], since_best[g] = val_loss, epoch, 0
                 improved.append(pos)
             else:
@@ -691,9 +705,10 @@ def _worker_count(n_seeds: int) -> int:
 
     Why more workers than cores: the workers never wait for each other, so the OS can share
     the cores between them at no cost, and 3 seeds on 2 cores then finish together instead
-    of the third running alone at the end (measured on 2 cores, 3 seeds: 4.4 s with 3 workers,
-    5.6 s with 2, 8.2 s with 1; beside 8 busy processes each runnable thread also gets its
-    share of the machine).  Twice the cores bounds the threads when there are many seeds.
+    of the third running alone at the end (``benchmarks/probe.py --workers 1,2,3`` on 2 cores,
+    3 seeds: 4.4 s with 3 workers, 5.6 s with 2, 8.2 s with 1; beside 8 busy processes (and
+    other users' jobs) the scheduler shares the cores per runnable thread: 38 s, 50 s, 61 s).
+    Twice the cores bounds the threads when there are many seeds.
     """
     workers = PROBE_WORKERS if PROBE_WORKERS is not None else 2 * _usable_cores()
     return max(1, min(int(workers), n_seeds))

@@ -29,7 +29,6 @@ from common import distributed
 from common.analysis import ModeSetup, analyse, analysis_paths, outlier_table, write_outputs
 from common.backbones import Backbone, load_backbone
 from common.cache import Cache, cache_key, default_cache_dir
-from common.course import SUFFIX as COURSE_SUFFIX
 from common.course import load_probes
 from common.datasets import SPLITS, Dataset, load_dataset, manufacturer_of, write_splits
 from common.detection import NoOutliersError, collect_norms, detect_register_neurons, detection_batch_size, \
@@ -43,7 +42,7 @@ from common.images import IMAGE_SUFFIXES, check_image, is_ignored
 from common.intervention import Intervention, mode_setup
 from common.io import write_csv, write_json
 from common.metrics import MetricSpec, ensemble_predictions, evaluate_modes
-from common.modes import BASELINE, MODES, TTR
+from common.modes import BASELINE, COURSE_SUFFIX, MODES, ZERO_SHOT_SUFFIX, predictions_file
 from common.neurons import NeuronRanking
 from common.options import DatasetSpec, RunOptions
 from common.probe import ProbeConfig, fit_probes
@@ -54,7 +53,6 @@ from common.zeroshot import class_embeddings, class_prompts, zero_shot_probabili
 
 log = logging.getLogger(__name__)
 
-ZERO_SHOT_SUFFIX = " (zero-shot)"
 STAGES = ("load backbone", "load dataset and split", "register neurons", "extract features",
           "train probes", "score", "figures and outlier statistics", "summary")
 
@@ -306,6 +304,7 @@ def _probe_config(config: dict) -> ProbeConfig:
     return ProbeConfig(
         lr_grid=tuple(config["probe_lr_grid"]), weight_decay_grid=tuple(config["probe_weight_decay_grid"]),
         max_epochs=config["probe_max_epochs"], patience=config["probe_patience"],
+        min_delta=config["probe_min_delta"],
         class_weights=config["probe_class_weights"], seeds=tuple(config["probe_seeds"]),
     )
 
@@ -359,8 +358,7 @@ def stage_probes_and_metrics(state: RunState) -> None:
         })
         for index, name in enumerate(class_names):
             predictions[f"p[{name}]"] = ensemble[:, index]
-        name = f"zero-shot_{mode.removesuffix(ZERO_SHOT_SUFFIX)}" if mode.endswith(ZERO_SHOT_SUFFIX) else mode
-        write_csv(state.options.out / f"predictions_{name}.csv", predictions)
+        write_csv(state.options.out / predictions_file(mode), predictions)
 
 
 def _course_probabilities(state: RunState) -> dict[str, np.ndarray]:

@@ -448,3 +448,14 @@ def test_bad_test_features_and_settings_raise_user_error():
         ProbeConfig(patience=0)
     with pytest.raises(UserError, match="lr_grid"):
         ProbeConfig(lr_grid=())
+
+
+def test_improvements_smaller_than_min_delta_do_not_count():
+    """Early stopping counts an epoch as better only when the validation loss falls by more than
+    ``min_delta`` of the best (relative): a loss creeping down forever still lets it fire."""
+    config = ProbeConfig(min_delta=1e-3)
+    assert config.improves(0.998, 1.0) and not config.improves(0.9995, 1.0)
+    assert config.improves(5.0, float("inf"))
+    assert ProbeConfig(min_delta=0.0).improves(0.9999999, 1.0)
+    with pytest.raises(UserError, match="min_delta"):
+        ProbeConfig(min_delta=1.5)

@@ -117,6 +117,23 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(batch, tokens, num_heads, width // num_heads).transpose(1, 2)
 
 
+def with_registers(tokens: torch.Tensor, num_registers: int,
+                   on_tokens: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
+    """``tokens [B, N, d]`` with ``num_registers`` zero tokens appended, as ``on_tokens`` leaves them."""
+    batch, _, width = tokens.shape
+    tokens = torch.cat([tokens, tokens.new_zeros(batch, num_registers, width)], dim=1)
+    replaced = on_tokens(tokens)
+    return tokens if replaced is None else replaced
+
+
+def appending_pre_hook(num_registers: int, on_tokens: Callable[[torch.Tensor], torch.Tensor | None]):
+    """A forward pre-hook that appends the registers to a module's first input (the tokens)."""
+    def pre_hook(module, args):
+        return (with_registers(args[0], num_registers, on_tokens),) + tuple(args[1:])
+
+    return pre_hook
+
+
 def seeded_init(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     """``build()`` with torch's RNG seeded by ``seed``, leaving the caller's global RNG as it was."""
     with torch.random.fork_rng(devices=[]):

@@ -22,7 +22,8 @@ from torch import nn
 
 from common.errors import UserError
 from common.families.base import (
-    Built, FamilyAdapter, ModelIdentity, PlantingGains, QKStore, TextEncoder, seeded_init, split_heads,
+    Built, FamilyAdapter, ModelIdentity, PlantingGains, QKStore, TextEncoder, appending_pre_hook, seeded_init,
+    split_heads,
 )
 from common.weights import WeightsHint, file_identity, load_state_dict
 
@@ -198,14 +199,7 @@ class ClipAdapter(FamilyAdapter):
 
     # ---------------------------------------------------------------- hook attachment
     def attach_registers(self, num_registers, on_tokens):
-        def pre_hook(module, args):
-            tokens = args[0]
-            batch, _, width = tokens.shape
-            tokens = torch.cat([tokens, tokens.new_zeros(batch, num_registers, width)], dim=1)
-            replaced = on_tokens(tokens)
-            return (tokens if replaced is None else replaced,) + tuple(args[1:])
-
-        return [self.model.ln_pre.register_forward_pre_hook(pre_hook)]
+        return [self.model.ln_pre.register_forward_pre_hook(appending_pre_hook(num_registers, on_tokens))]
 
     def attach_qk(self, layer: int, store: QKStore):
         attention = self.blocks[layer].attn  # nn.MultiheadAttention, batch_first, self-attention on ln_1(x)

@@ -26,7 +26,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.families.base import (
-    Built, FamilyAdapter, ModelIdentity, PlantingGains, QKStore, eval_preprocess, seeded_init,
+    Built, FamilyAdapter, ModelIdentity, PlantingGains, QKStore, eval_preprocess, seeded_init, with_registers,
 )
 from common.weights import WeightsHint, file_identity, load_state_dict
 
@@ -239,13 +239,8 @@ class Dinov2Adapter(FamilyAdapter):
 
     # ---------------------------------------------------------------- hook attachment
     def attach_registers(self, num_registers, on_tokens):
-        def hook(module, args, output):
-            batch, _, width = output.shape
-            tokens = torch.cat([output, output.new_zeros(batch, num_registers, width)], dim=1)
-            replaced = on_tokens(tokens)
-            return tokens if replaced is None else replaced
-
-        return [self.model.patch_drop.register_forward_hook(hook)]
+        return [self.model.patch_drop.register_forward_hook(
+            lambda module, args, output: with_registers(output, num_registers, on_tokens))]
 
     def attach_qk(self, layer: int, store: QKStore):
         attention = self.blocks[layer].attn  # timm Attention

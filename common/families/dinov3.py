@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from common.families.base import QKStore, seeded_init
+from common.families.base import QKStore, appending_pre_hook, seeded_init
 from common.families.dinov2 import Dinov2Adapter
 from common.weights import WeightsHint
 
@@ -103,13 +103,6 @@ class Dinov3Adapter(Dinov2Adapter):
 
     # ---------------------------------------------------------------- hook attachment
     def attach_registers(self, num_registers, on_tokens):
-        def append(module, args):
-            tokens = args[0]
-            batch, _, width = tokens.shape
-            tokens = torch.cat([tokens, tokens.new_zeros(batch, num_registers, width)], dim=1)
-            replaced = on_tokens(tokens)
-            return (tokens if replaced is None else replaced,) + tuple(args[1:])
-
         def extend_rope(module, args, kwargs):
             rope = kwargs.get("rope")
             if rope is None:
@@ -117,7 +110,7 @@ class Dinov3Adapter(Dinov2Adapter):
             kwargs = dict(kwargs, rope=torch.cat([rope, _identity_rotation(num_registers, rope)], dim=-2))
             return args, kwargs
 
-        handles = [self.model.norm_pre.register_forward_pre_hook(append)]
+        handles = [self.model.norm_pre.register_forward_pre_hook(appending_pre_hook(num_registers, on_tokens))]
         handles += [block.register_forward_pre_hook(extend_rope, with_kwargs=True) for block in self.blocks]
         return handles
 
