@@ -50,7 +50,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 import configs  # noqa: E402
 import common.probe as probe_module  # noqa: E402

@@ -62,6 +62,7 @@ def real_size_files(folder: Path, per_kind: int, seed: int = 0) -> list[str]:
     """Fundus-like PNGs and X-ray-like JPEGs of real sizes: smooth content plus noise, so they
     compress like photographs rather than like noise or flat colour."""
     rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for kind, (width, height) in REAL_SIZES:
         for index in range(per_kind):

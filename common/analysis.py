@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -49,7 +48,6 @@ import torch
 from tqdm.auto import tqdm
 
 from common.hooks import HookedViT, HookFn, attn_cls_pattern, resid_post
-from common.io import write_csv
 from common.modes import BASELINE, TTR
 
 log = logging.getLogger(__name__)
@@ -332,22 +330,6 @@ def outlier_markdown(analysis: Analysis, table: pd.DataFrame) -> str:
     for note in analysis.notes:
         lines += ["", f"Note: {note}."]
     return "\n".join(lines)
-
-
-def write_outputs(analysis: Analysis, out: Path) -> list[str]:
-    """``outliers.csv``, ``figures/*.png`` (and ``figures/layer_curves.csv``) under ``out``;
-    returns the summary sections (outlier table, then the figures with captions)."""
-    from common import plots
-
-    out = Path(out)
-    table = outlier_table(analysis)
-    write_csv(out / "outliers.csv", table)
-    write_csv(out / "figures" / "layer_curves.csv", layer_curve_table(analysis))
-    figures = plots.write_figures(analysis, out / "figures")
-    lines = ["## Figures", ""]
-    for name, caption in figures:
-        lines += [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
-    return [outlier_markdown(analysis, table), "\n".join(lines).rstrip()]
 
 
 def analysis_paths(test_paths: Sequence[str], count: int, seed: int) -> list[str]:

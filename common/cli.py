@@ -169,7 +169,7 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
     if args.demo:
         from common.demo import demo_model
 
-        planted = demo_model(args.model, seed=config["seed"])
+        planted = demo_model(args.model, seed=config["seed"], precision=config["precision"])
         identity = planted.backbone.identity
     else:
         identity = get_family(args.model).identity(config)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from common.errors import UserError
-from common.modes import BASELINE, COURSE_SUFFIX, TTR
+from common.modes import BASELINE, TTR
 
 PROBE_FILES = {BASELINE: "best_model_no_ttr.pth", TTR: "best_model_ttr.pth"}
 

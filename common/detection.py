@@ -21,7 +21,7 @@ import torch
 
 from common.errors import UserError
 from common.hooks import HookedViT, mlp_post, resid_post
-from common.neurons import SPARSE_ACTIVATION, SPARSE_FRACTION, NeuronRanking, paper_neurons  # noqa: F401
+from common.neurons import SPARSE_ACTIVATION, SPARSE_FRACTION, NeuronRanking
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,15 @@ PIL steps produce 8-bit pixels, so their output stored as ``uint8 [3, H, W]`` lo
 ``ToTensor`` and ``Normalize`` are applied per batch on the device, with the same elementwise
 operations, and give bit-identical input tensors (tested).
 
-:class:`ImageBank` holds the decoded images of a run in memory, fills itself in one parallel pass
-(``DataLoader`` workers decode), and keeps each image in the preprocessed-image cache (one
-checksummed file per image, keyed by the file's path, size and mtime and by the PIL steps), so a
-re-run - also one with new ttr settings - decodes nothing.  Under torchrun each rank decodes its
-share of the missing images and the cache is how the ranks share them.
+:class:`ImageBank` holds the decoded images of a run in memory and keeps each one in the
+preprocessed-image cache (one checksummed file per image, keyed by the file's path, size and
+mtime and by the PIL steps), so a re-run - also one with new ttr settings - decodes nothing.
+:meth:`ImageBank.prepare` only *schedules* the work: a pool of decoding threads (PIL releases
+the GIL while it decodes and resizes; threads start at once and pass arrays without copying)
+fills the bank in the background, in the order the images were asked for, while the first pass
+over them (detection or extraction) consumes batches as they become ready - on a GPU the model
+then never waits for the whole dataset to be decoded.  Under torchrun each rank decodes its share
+of the missing images and the cache is how the ranks share them.
 """
 
 from __future__ import annotations
@@ -17,16 +21,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from common.cache import Cache
 from common.distributed import Dist
-from common.errors import UserError
 from common.images import load_rgb
 
 log = logging.getLogger(__name__)
@@ -51,38 +54,12 @@ def split_preprocess(preprocess: Callable) -> tuple[Callable, torch.Tensor, torc
     return pil_steps, mean, std, " ".join(str(pil_steps).split())
 
 
-class _Decode(Dataset):
-    """Item ``i``: the file ``paths[i]`` decoded and put through the PIL steps, ``uint8 [3, H, W]``."""
-
-    def __init__(self, paths: Sequence[str], pil_steps: Callable, shown: Sequence[str]):
-        self.paths = list(paths)
-        self.pil_steps = pil_steps
-        self.shown = list(shown)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | str]:
-        try:
-            image = self.pil_steps(load_rgb(self.paths[index], shown=self.shown[index]))
-        except UserError as error:
-            # Returned, not raised: an error raised in a worker would come back wrapped in the
-            # worker's traceback; the main process raises it as the one-line message it is.
-            return index, str(error)
-        array = np.asarray(image, dtype=np.uint8)
-        if array.ndim == 2:
-            array = np.repeat(array[:, :, None], 3, axis=2)
-        return index, np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-def _collate(items):
-    return items
-
-
 class ImageBank:
     """The decoded images of a run, by path (``uint8 [3, H, W]`` each).
 
+    ``num_workers`` decoding threads (0: decode in the calling thread, when asked for).
     ``decodes`` counts the images decoded by this process (the benchmark's ``decodes_per_image``).
+    Use as a context manager, or call :meth:`close`, to stop the threads.
     """
 
     def __init__(self, preprocess: Callable, *, cache: Cache, num_workers: int = 0,
@@ -94,8 +71,22 @@ class ImageBank:
         self.num_workers = num_workers
         self.device = torch.device(device)
         self.dist = dist or Dist()
-        self.images: dict[str, torch.Tensor] = {}
         self.decodes = 0
+        self._images: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "ImageBank":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the decoding threads (images not started yet are dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     # ---------------------------------------------------------------- keys
     def key(self, path: str) -> str:
@@ -104,52 +95,68 @@ class ImageBank:
         return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
     # ---------------------------------------------------------------- filling
-    def prepare(self, paths: Sequence[str], desc: str = "decode images") -> None:
-        """Make every image of ``paths`` available: memory, else the image cache, else decode
-        (in parallel; under torchrun each rank decodes its share and the cache carries it over)."""
-        wanted = [p for p in dict.fromkeys(paths) if p not in self.images]
-        if not wanted:
-            return
-        missing = []
-        for path in tqdm(wanted, desc="read image cache", unit="img", leave=False, disable=None):
-            arrays = self.cache.load("images", self.key(path), what="cached image")
-            if arrays is not None:
-                self.images[path] = torch.from_numpy(arrays["pixels"])
-            else:
-                missing.append(path)
-        if missing:
-            mine = missing[self.dist.rank::self.dist.world] if self.dist.world > 1 else missing
-            self._decode(mine, desc)
-        if self.dist.world > 1:
-            self.dist.barrier()
-            for path in missing:
-                if path not in self.images:
-                    arrays = self.cache.load("images", self.key(path), what="cached image")
-                    if arrays is None:
-                        raise RuntimeError(f"image {path} was decoded by another rank but is not in the cache")
-                    self.images[path] = torch.from_numpy(arrays["pixels"])
+    def _load(self, path: str, decode: bool) -> torch.Tensor:
+        """One image: the image cache, else (when ``decode``) decoded and cached."""
+        arrays = self.cache.load("images", self.key(path), what="cached image")
+        if arrays is not None:
+            return torch.from_numpy(arrays["pixels"])
+        if not decode:
+            raise RuntimeError(f"image {path} was decoded by another rank but is not in the cache")
+        image = self.pil_steps(load_rgb(path, shown=self.display(path)))
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        array = np.ascontiguousarray(array.transpose(2, 0, 1))
+        self.cache.save("images", self.key(path), {"pixels": array})
+        with self._lock:
+            self.decodes += 1
+        return torch.from_numpy(array)
 
-    def _decode(self, paths: list[str], desc: str) -> None:
-        if not paths:
-            return
-        workers = min(self.num_workers, len(paths))
-        loader = DataLoader(_Decode(paths, self.pil_steps, [self.display(p) for p in paths]), batch_size=1, shuffle=False, num_workers=workers,
-                            collate_fn=_collate)
-        with tqdm(total=len(paths), desc=desc, unit="img", disable=None) as progress:
-            for ((index, result),) in loader:
-                if isinstance(result, str):
-                    raise UserError(result)
-                path = paths[index]
-                self.decodes += 1
-                self.images[path] = torch.from_numpy(result)
-                self.cache.save("images", self.key(path), {"pixels": result})
-                progress.update(1)
+    def _submit(self, path: str, decode: bool) -> Future:
+        if self.num_workers > 0:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="decode")
+            return self._pool.submit(self._load, path, decode)
+        future: Future = Future()          # no threads: decoded now, in this thread
+        try:
+            future.set_result(self._load(path, decode))
+        except BaseException as error:  # noqa: BLE001 - handed to whoever reads the image
+            future.set_exception(error)
+        return future
+
+    def prepare(self, paths: Sequence[str]) -> int:
+        """Schedule every image of ``paths`` not in the bank yet (the image cache, else a decode);
+        returns how many were new.
+
+        Returns at once, except under torchrun, where each rank decodes its share of the images
+        before the ranks read the others' from the cache.
+        """
+        wanted = [p for p in dict.fromkeys(paths) if p not in self._images]
+        if not wanted:
+            return 0
+        if self.dist.world == 1:
+            for path in wanted:
+                self._images[path] = self._submit(path, decode=True)
+            return len(wanted)
+        mine = set(wanted[self.dist.rank::self.dist.world])
+        own = {path: self._submit(path, decode=True) for path in wanted if path in mine}
+        for future in own.values():
+            future.result()                # decoded and in the cache before the others look
+        self.dist.barrier()
+        for path in wanted:
+            self._images[path] = own[path] if path in own else self._submit(path, decode=False)
+        return len(wanted)
 
     # ---------------------------------------------------------------- reading
+    def image(self, path: str) -> torch.Tensor:
+        """``uint8 [3, H, W]`` of one image (waits for its decode)."""
+        self.prepare([path])
+        return self._images[path].result()
+
     def pixels(self, paths: Sequence[str]) -> torch.Tensor:
-        """``uint8 [N, 3, H, W]`` of ``paths`` (prepared on demand)."""
+        """``uint8 [N, 3, H, W]`` of ``paths``."""
         self.prepare(paths)
-        return torch.stack([self.images[p] for p in paths]) if paths else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        return torch.stack([self.image(p) for p in paths]) if paths else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """``uint8 [B, 3, H, W]`` -> the model's input ``float32 [B, 3, H, W]`` on the bank's device,
@@ -160,13 +167,13 @@ class ImageBank:
 
     def batches(self, paths: Sequence[str], batch_size: int, *,
                 indices: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
-        """Model inputs for ``paths`` in order, ``batch_size`` at a time; ``indices`` keeps only those
-        batches (torchrun sharding)."""
-        self.prepare(paths)
+        """Model inputs for ``paths`` in order, ``batch_size`` at a time, each as soon as its
+        images are decoded; ``indices`` keeps only those batches (torchrun sharding)."""
         starts = list(range(0, len(paths), batch_size))
-        for number in (range(len(starts)) if indices is None else indices):
-            chunk = paths[starts[number]:starts[number] + batch_size]
-            pixels = torch.stack([self.images[p] for p in chunk])
+        numbers = list(range(len(starts)) if indices is None else indices)
+        self.prepare([p for n in numbers for p in paths[starts[n]:starts[n] + batch_size]])
+        for number in numbers:
+            pixels = torch.stack([self.image(p) for p in paths[starts[number]:starts[number] + batch_size]])
             if self.device.type == "cuda":
                 pixels = pixels.pin_memory()
             yield self.normalise(pixels)

@@ -328,7 +328,6 @@ def _bootstrap_metrics(
     """
     wanted = set(spec.names() if names is None else names)
     C = spec.n_classes
-    n = len(y)
     pred = proba.argmax(axis=1)
     correct = (pred == y).astype(np.float64)
     onehot_true = np.eye(C)[y]  # [N, C]

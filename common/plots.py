@@ -1,4 +1,5 @@
-"""Figures of a run (``figures/*.png``), drawn from a :class:`common.analysis.Analysis`.
+"""The analysis of a run written out: ``outliers.csv`` and the figures (``figures/*.png``), drawn
+from a :class:`common.analysis.Analysis` (:func:`write_outputs`).
 
 * ``norm_maps_<k>.png``: image-patch norm map of every layer (or 12 evenly spaced ones, plus
   the detect layer, for deeper models), no-ttr beside ttr, one colour scale shared by the two
@@ -27,7 +28,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from common.io import save_figure  # noqa: E402
+from common.analysis import Analysis, layer_curve_table, outlier_markdown, outlier_table  # noqa: E402
+from common.io import save_figure, write_csv  # noqa: E402
 from common.modes import BASELINE, REMOVED, TTR  # noqa: E402
 
 DPI = 110
@@ -75,7 +77,7 @@ def _map_axes(ax, values: np.ndarray, vmin: float, vmax: float, cmap: str):
     return image
 
 
-def _layer_tag(analysis: "Analysis", layer: int) -> str:
+def _layer_tag(analysis: Analysis, layer: int) -> str:
     tags = []
     if layer == analysis.detect_layer:
         tags.append("detect")
@@ -94,7 +96,7 @@ def _pair_scale(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return (low, high) if high > low else (low, low + max(abs(low), 1e-12) * 1e-3)
 
 
-def norm_maps(analysis: "Analysis", index: int, path: Path) -> None:
+def norm_maps(analysis: Analysis, index: int, path: Path) -> None:
     """Patch-norm maps of figure image ``index``: rows = layers, columns no-ttr | ttr."""
     layers = map_layers(analysis.num_layers, analysis.detect_layer)
     no, ttr = analysis.modes[BASELINE].figure_norms[index], analysis.modes[TTR].figure_norms[index]
@@ -146,7 +148,7 @@ def _shown_heads(no: np.ndarray, limit: int) -> list[int]:
     return sorted(np.argsort(entropy)[:limit].tolist())
 
 
-def attention_maps(analysis: "Analysis", index: int, path: Path) -> None:
+def attention_maps(analysis: Analysis, index: int, path: Path) -> None:
     """CLS attention on the image patches at the detect layer and the last layer: per layer a
     no-ttr row above a ttr row; columns = head mean and the heads drawn; one colour scale per
     (no-ttr, ttr) pair."""
@@ -205,7 +207,7 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(text[i:i + width] for i in range(0, len(text), width)) or text
 
 
-def _mark_layers(ax, analysis: "Analysis") -> None:
+def _mark_layers(ax, analysis: Analysis) -> None:
     for k, layer in enumerate(analysis.intervened_layers):
         ax.axvspan(layer - 0.5, layer + 0.5, color="tab:purple", alpha=0.12,
                    label="intervened layer" if k == 0 else None)
@@ -213,7 +215,7 @@ def _mark_layers(ax, analysis: "Analysis") -> None:
                label=f"detect layer ({analysis.detect_layer})")
 
 
-def layer_curves(analysis: "Analysis", path: Path) -> None:
+def layer_curves(analysis: Analysis, path: Path) -> None:
     """Mean over images of the per-image largest patch norm and CLS -> patch attention per layer."""
     layers = np.arange(analysis.num_layers)
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.6))
@@ -252,7 +254,7 @@ def layer_curves(analysis: "Analysis", path: Path) -> None:
     _save(fig, path)
 
 
-def norm_histogram(analysis: "Analysis", path: Path) -> None:
+def norm_histogram(analysis: Analysis, path: Path) -> None:
     """Image-patch vs register norms at the detect layer under ttr (no-ttr patches for reference)."""
     no, ttr = analysis.modes[BASELINE], analysis.modes[TTR]
     data = {
@@ -288,7 +290,7 @@ def norm_histogram(analysis: "Analysis", path: Path) -> None:
     _save(fig, path)
 
 
-def write_figures(analysis: "Analysis", folder: Path) -> list[tuple[str, str]]:
+def write_figures(analysis: Analysis, folder: Path) -> list[tuple[str, str]]:
     """Every figure under ``folder``; returns ``(file name, one-line caption)`` in summary order."""
     folder = Path(folder)
     figures: list[tuple[str, str]] = []
@@ -311,3 +313,17 @@ def write_figures(analysis: "Analysis", folder: Path) -> list[tuple[str, str]]:
                         f"CLS attention at the detect layer and the last layer for {label}: head mean and heads, "
                         "no-ttr above ttr (one colour scale per pair)."))
     return figures
+
+
+def write_outputs(analysis: Analysis, out: Path) -> list[str]:
+    """``outliers.csv``, ``figures/*.png`` (and ``figures/layer_curves.csv``) under ``out``;
+    returns the summary sections (outlier table, then the figures with captions)."""
+    out = Path(out)
+    table = outlier_table(analysis)
+    write_csv(out / "outliers.csv", table)
+    write_csv(out / "figures" / "layer_curves.csv", layer_curve_table(analysis))
+    figures = write_figures(analysis, out / "figures")
+    lines = ["## Figures", ""]
+    for name, caption in figures:
+        lines += [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
+    return [outlier_markdown(analysis, table), "\n".join(lines).rstrip()]

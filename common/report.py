@@ -77,16 +77,13 @@ def holm(p_values) -> np.ndarray:
 
 
 def _backbone_label(info: dict) -> str:
-    config = info.get("config") or {}
+    """The backbone of a run as config.json records it: family, architecture and weights name."""
     model = info.get("model") or "?"
     if info.get("demo"):
         return f"{model} (planted demo)"
-    if model == "clip":
-        name = config.get("model_name", "ViT-B-16")
-        pretrained = config.get("pretrained")
-        return f"CLIP {name}" + (f" {pretrained}" if pretrained else "")
-    if model == "dinov2":
-        return f"DINOv2 {config.get('backbone_size', '')}".strip()
+    identity = info.get("model_identity") or {}
+    if identity.get("architecture"):
+        return " ".join(str(part) for part in (model, identity["architecture"], identity.get("weights")) if part)
     return str(info.get("backbone") or model)
 
 

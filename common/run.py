@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 from common import distributed
-from common.analysis import ModeSetup, analyse, analysis_paths, outlier_table, write_outputs
-from common.backbones import Backbone, load_backbone
+from common.analysis import ModeSetup, analyse, analysis_paths, outlier_table
+from common.backbones import load_backbone
 from common.cache import Cache, cache_key, default_cache_dir
 from common.course import load_probes
-from common.datasets import SPLITS, Dataset, load_dataset, manufacturer_of, write_splits
-from common.detection import NoOutliersError, collect_norms, detect_register_neurons, detection_batch_size, \
-    rank_scores, suggest_threshold
+from common.datasets import SPLITS, load_dataset, manufacturer_of, write_splits
+from common.detection import (
+    NoOutliersError, collect_norms, detect_register_neurons, detection_batch_size, suggest_threshold,
+)
 from common.errors import UserError
 from common.features import FeatureSet, extract_batch
 from common.fixture import PlantedModel
@@ -45,6 +46,7 @@ from common.metrics import MetricSpec, ensemble_predictions, evaluate_modes
 from common.modes import BASELINE, COURSE_SUFFIX, MODES, ZERO_SHOT_SUFFIX, predictions_file
 from common.neurons import NeuronRanking
 from common.options import DatasetSpec, RunOptions
+from common.plots import write_outputs
 from common.probe import ProbeConfig, fit_probes
 from common.settings import resolve_workers
 from common.runstate import RunState
@@ -64,9 +66,8 @@ def _stage(state: RunState, name: str) -> None:
 
 def fingerprints(paths: list[str]) -> list[list]:
     """``[path, size, mtime_ns]`` per file: a changed file changes every key it is part of."""
-    import os
-
-    return [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+    stats = [(os.path.abspath(p), os.stat(p)) for p in paths]
+    return [[path, stat.st_size, stat.st_mtime_ns] for path, stat in stats]
 
 
 def _model_description(state: RunState) -> dict:
@@ -124,7 +125,14 @@ def _split_paths(state: RunState, split: str) -> list[str]:
 
 
 def _detection_paths(state: RunState) -> list[str]:
-    """A seeded random sample of ``detect_images`` training images, or of ``--detect_path``."""
+    """A seeded random sample of ``detect_images`` training images, or of ``--detect_path``
+    (chosen once per run)."""
+    if state.detection_paths is None:
+        state.detection_paths = _choose_detection_paths(state)
+    return state.detection_paths
+
+
+def _choose_detection_paths(state: RunState) -> list[str]:
     count = state.config["detect_images"]
     rng = np.random.default_rng(state.config["seed"])
     if state.options.detect_path:
@@ -154,8 +162,12 @@ def _all_image_paths(state: RunState) -> list[str]:
 
 
 def _images_ready(state: RunState) -> None:
-    """Decode every image the run may need, once, in one parallel pass (idempotent)."""
-    state.bank.prepare(_all_image_paths(state))
+    """Schedule every image the run may need, once: decoding threads fill the bank in the order
+    of the dataset while the first pass consumes them (idempotent)."""
+    scheduled = state.bank.prepare(_all_image_paths(state))
+    if scheduled and state.main:
+        log.info("%d images: from the image cache or decoded by %d thread(s), alongside the first pass",
+                 scheduled, max(state.bank.num_workers, 1))
 
 
 def stage_neurons(state: RunState, preloaded: NeuronRanking | None) -> None:
@@ -517,6 +529,9 @@ def execute(spec: DatasetSpec, options: RunOptions, config: dict, *, device: tor
             if state.backbone is not None or state.dataset is not None:
                 write_config(state, "failed")
             raise
+        finally:
+            if state.bank is not None:
+                state.bank.close()
     if state.main:
         print(f"done: {options.out / 'summary.md'}")
     return state

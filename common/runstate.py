@@ -42,6 +42,7 @@ class RunState:
     outliers: pd.DataFrame | None = None
     timings: dict[str, float] = field(default_factory=dict)
     course_probes: dict = field(default_factory=dict)     # mode -> common.course.CourseProbe
+    detection_paths: list[str] | None = None              # the images detection runs on
 
     @property
     def main(self) -> bool:

@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--axes", nargs="*", default=None, metavar="AXIS=V1,V2",
                         help="grid axes: " + "; ".join(
                             f"{a.name} ({', '.join(a.choices) if a.choices else 'positive integers'})"
-                            for a in AXES.values()) + f" (--demo default: normal_values=zero,mean)")
+                            for a in AXES.values()) + " (--demo default: normal_values=zero,mean)")
     parser.add_argument("--zero_shot", action="store_true",
                         help="clip cells also score class-name prompts, no-ttr vs ttr (other models have no text "
                              "tower; on in --demo)")

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from common.analysis import (
-    OUTLIER_COLUMNS, ModeSetup, analyse, analysis_paths, layer_curve_table, outlier_table, write_outputs,
+    OUTLIER_COLUMNS, ModeSetup, analyse, analysis_paths, layer_curve_table, outlier_table,
 )
 from common.fixture import _border_mask, fixture_images, make_planted_model
 from common.hooks import HookedViT, resid_post
 from common.imagebank import split_preprocess
 from common.intervention import Intervention
-from common.plots import map_layers
+from common.plots import map_layers, write_outputs
 
 FAMILIES = ("clip", "dinov2")
 IMAGES = 6

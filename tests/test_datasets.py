@@ -254,7 +254,7 @@ def test_manifest_paths_resolve_against_its_folder(tmp_path, monkeypatch):
     rows = [(f"../img/a{i}.png", "A - x") for i in range(7)] + [(f"../img/b{i}.png", "B - y") for i in range(7)]
     for p, _ in rows:
         png(data / p)
-    csv = _manifest(data, rows, header="path,label")
+    _manifest(data, rows, header="path,label")
     monkeypatch.chdir(tmp_path)                     # not the CSV's folder
     ds = load_dataset("pacemaker", manifest=Path("lists") / "m.csv")
     assert ds.name == "pacemaker" and ds.root == data

@@ -137,7 +137,7 @@ def _orthonet_kaggle(root: Path, *, labels, doubled: bool = True, masks_first: b
         train = train[["masks", "filenames", "labels", "valid_mask"]]
     write_csv(root / "train.csv", train)
     write_csv(root / "test.csv", pd.DataFrame(rows["test"], columns=["filenames", "labels"]))
-    apple_double(folder / f"IMG 01-000.png")
+    apple_double(folder / "IMG 01-000.png")
     litter(folder)
     litter(root)
     expected = {split: pd.Series([ORTHONET_CLASSES[code] for code in codes for _ in range(n)]).value_counts().to_dict()

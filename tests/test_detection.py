@@ -19,10 +19,10 @@ from common.detection import (
     NoOutliersError,
     collect_norms,
     detect_register_neurons,
-    paper_neurons,
     rank_scores,
     suggest_threshold,
 )
+from common.neurons import paper_neurons
 from common.errors import UserError
 from common.fixture import fixture_images, make_planted_model
 from common.hooks import HookedViT
