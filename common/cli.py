@@ -68,7 +68,7 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool = False) -> None:
     # Libraries log at WARNING and above; this tool's own modules at INFO (DEBUG with --verbose);
     # under torchrun only rank 0 tells the story (the other ranks still warn).
     from common.distributed import is_main_process
@@ -221,7 +221,7 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> int:
     parser = build_parser(spec)
     args = parser.parse_args(argv)  # usage errors exit 2 here, as argparse does
     args.argv = argv
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     _safe_streams()
     try:
         if args.image_path and args.manifest:

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from common.cli import setup_logging
 from common.errors import UserError
 from common.options import DatasetSpec
 
@@ -537,14 +538,6 @@ def finished(cell: Cell) -> bool:
             and Path(str(recorded[0])).name == cell.script and list(recorded[1:]) == cell.argv)
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
-    from common.distributed import is_main_process
-
-    logging.getLogger("common").setLevel(logging.INFO if is_main_process() else logging.WARNING)
-
-
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -581,7 +574,7 @@ def run_cell(cell: Cell, spec: DatasetSpec, main: bool) -> tuple[int, str]:
         code = invoke(spec, cell.argv)
     finally:
         sys.stderr = previous
-        _setup_logging()  # the run pointed logging at the tee; point it back
+        setup_logging()  # the run pointed logging at the tee; point it back
         _release_memory()
     return code, tee.text()
 
@@ -733,7 +726,7 @@ def run_study(request: Request, runner: Runner = run_cell) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m common.study``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging()
+    setup_logging()
     try:
         request = parse_args(argv)
         return run_study(request)
