@@ -60,7 +60,7 @@ MODEL_CONFIGS = {"clip": CLIP, "dinov2": DINOV2, "dinov3": DINOV3}
 RUN_DEFAULTS = {
     "seed": 0,
     "batch_size": 32,
-    "num_workers": "auto",        # image decoding workers; auto = the host's cores (cores - 1 on CUDA)
+    "num_workers": "auto",        # image decoding threads; auto = the host's cores (cores - 1 on CUDA)
     "precision": "auto",          # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     "extra_modes": (),            # opt-in experiments besides no-ttr and ttr, e.g. ("no-ttr-removed",)
     "zero_shot": False,           # CLIP only: also score class-name prompts, no-ttr vs ttr (see ZERO_SHOT)

@@ -25,7 +25,7 @@ detect_over_forward      ``detect_register_neurons`` / stock forward, same      
                          batches (``detection_batch_size``)
 reference_over_detect    the reference repo's way (pinned by SPEC §9) / ours    >= 1.3
 cached_over_first        all (mode, split) features of a run from               <= 0.05
-                         ``FeatureCache`` / extracting them from PNGs on disk
+                         the checked feature cache / extracting them from PNGs on disk
 memory_4n_over_n         detection peak RSS on 4N images / on N images, in a    <= 1.1
                          fresh subprocess (interleaved N, 4N runs)
 =======================  =====================================================  ==========

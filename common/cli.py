@@ -16,12 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import configs
 from common.errors import UserError
 from common.options import DatasetSpec, RunOptions
 
 log = logging.getLogger("common")
 
-MODELS = ("clip", "dinov2", "dinov3")
+MODELS = tuple(configs.MODEL_CONFIGS)      # one per backbone family (common/families/)
 # config keys that choose or build a real model: the planted demo model has none of them
 DEMO_IGNORED_KEYS = ("backbone_size", "model_name", "pretrained", "force_quick_gelu")
 
@@ -52,7 +53,8 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
     parser.add_argument("--detect_images", type=int, help="training images sampled for detection (default 100)")
     parser.add_argument("--detect_path", help="detect register neurons on the images of this folder instead")
     parser.add_argument("--batch_size", type=int, help="images per forward (default 32)")
-    parser.add_argument("--num_workers", type=int, help="image decoding workers (default: the host's cores)")
+    parser.add_argument("--num_workers", type=int,
+                        help="image decoding threads (default: the host's cores; 0 decodes in the main thread)")
     parser.add_argument("--seed", type=int, help="seed for splits, detection sample and bootstrap (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key of configs.py, e.g. --set top_k=30 (repeatable)")
@@ -144,7 +146,7 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
     from common.settings import validate_for_model
 
     if args.model is None:
-        parser.error("--model is required (clip, dinov2 or dinov3)")
+        parser.error(f"--model is required ({', '.join(MODELS)})")
     if not args.demo and not args.image_path and not args.manifest:
         parser.error("--image_path is required (or --manifest FILE, or --demo to try the tool)")
     if args.demo and (args.weights or args.neurons == "paper"):

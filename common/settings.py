@@ -169,8 +169,8 @@ def validate_for_model(config: dict, identity: ModelIdentity) -> None:
 
 
 def resolve_workers(value: int | str, device_type: str) -> int:
-    """Decoding workers: ``auto`` = the host's cores on the CPU (decoding runs in its own stage,
-    the model waits for it) and cores - 1 on CUDA (one core feeds the GPU)."""
+    """Decoding threads: ``auto`` = the host's cores on the CPU (they share the cores with the
+    model's own threads) and cores - 1 on CUDA (one core feeds the GPU)."""
     if value != "auto":
         return int(value)
     cores = os.cpu_count() or 1

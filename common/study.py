@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from common.cli import setup_logging
+from common.cli import MODELS, setup_logging
 from common.errors import UserError
 from common.options import DatasetSpec
 
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("pacemaker", "orthonet", "aptos")
-MODELS = ("clip", "dinov2", "dinov3")
 DEFAULT_MODELS = ("clip", "dinov2")
 STUDY_FILE = "study.json"
 STUDY_FORMAT = "ttr-study/1"
