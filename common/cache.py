@@ -25,11 +25,12 @@ CACHE_VERSION = 2
 _LIBRARIES = ("torch", "open_clip_torch", "timm", "numpy")
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(packages: tuple[str, ...] = _LIBRARIES) -> dict[str, str]:
+    """Installed version of each package ("not installed" when absent)."""
     import importlib.metadata as metadata
 
     versions = {}
-    for package in _LIBRARIES:
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from common import distributed
 from common.analysis import ModeSetup, analyse, analysis_paths, outlier_table
 from common.backbones import load_backbone
-from common.cache import Cache, cache_key, default_cache_dir
+from common.cache import Cache, cache_key, default_cache_dir, library_versions
 from common.course import load_probes
 from common.datasets import SPLITS, load_dataset, manufacturer_of, write_splits
 from common.detection import (
@@ -55,6 +55,9 @@ from common.zeroshot import class_embeddings, class_prompts, zero_shot_probabili
 
 log = logging.getLogger(__name__)
 
+# The versions config.json records (the cache keys hold those that change features).
+RECORDED_LIBRARIES = ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pandas", "scikit-learn", "scipy",
+                      "Pillow", "matplotlib")
 STAGES = ("load backbone", "load dataset and split", "register neurons", "extract features",
           "train probes", "score", "figures and outlier statistics", "summary")
 
@@ -446,19 +449,6 @@ def _run_threshold(state: RunState) -> float:
 # config.json
 
 
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as metadata
-
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pandas",
-                    "scikit-learn", "scipy", "Pillow", "matplotlib"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def write_config(state: RunState, status: str) -> None:
     if not state.main:
         return
@@ -478,7 +468,7 @@ def write_config(state: RunState, status: str) -> None:
         "neurons": options.neurons,
         "detect_path": options.detect_path,
         "reference_probes": options.reference_probes,
-        "library_versions": library_versions(),
+        "library_versions": {"python": platform.python_version(), **library_versions(RECORDED_LIBRARIES)},
         "processes": state.dist.world,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -15,19 +15,23 @@ import os
 from typing import Any
 
 import configs
+from common.backbones import PRECISIONS
 from common.errors import UserError
 from common.families import ModelIdentity, get_family
+from common.features import FEATURES
+from common.intervention import INTERVENTION_MAX, NORMAL_VALUES
 from common.modes import EXTRA_MODES
 
 # Keys that take a positive number or the word "auto".
 NUMBER_OR_AUTO_KEYS = {"register_norm_threshold"}
 # Keys that take a non-negative integer or the word "auto".
 COUNT_OR_AUTO_KEYS = {"num_workers"}
+# Keys that take one of a few words: the lists their own modules define.
 CHOICES = {
-    "normal_values": ("zero", "mean", "only_outliers", "same"),
-    "feature": ("cls", "patch_mean", "cls+patch_mean"),
-    "intervention_max": ("layer", "neuron"),
-    "precision": ("auto", "fp32", "bf16"),
+    "normal_values": NORMAL_VALUES,
+    "feature": FEATURES,
+    "intervention_max": INTERVENTION_MAX,
+    "precision": PRECISIONS,
 }
 
 
