@@ -7,14 +7,14 @@ The CLIP and DINOv2 dicts keep the seed's keys and values.  (The reference repos
 yaml files use ``top_k`` 10 for CLIP and ``highest_layer`` 17 for DINOv2; we keep the seed's.)
 """
 
-# Keys every model config accepts, with their defaults (SPEC §2).
+# Keys every model config accepts, with their defaults (docs/configuration.md).
 COMMON_DEFAULTS = {
     "device": "auto",             # "auto" = cuda, then mps, then cpu; an unavailable explicit device is an error
     "num_registers": 1,           # test-time register tokens appended in ttr mode (R >= 1)
     "scale": 1.0,                 # register positions get scale * signed max
-    "normal_values": "zero",      # zero | mean | only_outliers | same  (what patch positions get, SPEC §4)
+    "normal_values": "zero",      # zero | mean | only_outliers | same  (what patch positions get, docs/intervention.md)
     "feature": "cls",             # cls | patch_mean | cls+patch_mean
-    "intervention_max": "layer",  # layer: one signed max per (image, layer) (SPEC §4) | neuron: one per neuron
+    "intervention_max": "layer",  # layer: one signed max per (image, layer) (docs/intervention.md) | neuron: one per neuron
 }
 
 CLIP = {

@@ -11,8 +11,8 @@ Everything shared lives in common/; this file holds only what is particular to A
 
 import sys
 
-from common.cli import main
-from common.options import DatasetSpec
+from common.app.cli import main
+from common.app.options import DatasetSpec
 
 DATASET = DatasetSpec(name="aptos", title="APTOS 2019", qwk=True)
 

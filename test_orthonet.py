@@ -11,8 +11,8 @@ Everything shared lives in common/; this file holds only what is particular to O
 
 import sys
 
-from common.cli import main
-from common.options import DatasetSpec
+from common.app.cli import main
+from common.app.options import DatasetSpec
 
 DATASET = DatasetSpec(name="orthonet", title="OrthoNet")
 

@@ -11,8 +11,8 @@ Everything shared lives in common/; this file holds only what is particular to P
 
 import sys
 
-from common.cli import main
-from common.options import DatasetSpec
+from common.app.cli import main
+from common.app.options import DatasetSpec
 
 DATASET = DatasetSpec(name="pacemaker", title="Pacemaker", manufacturer=True)
 

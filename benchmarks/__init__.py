@@ -1,1 +1,1 @@
-"""Throughput and memory benchmarks (SPEC §9).  Not run by the tests."""
+"""Throughput and memory benchmarks (docs/performance.md).  Not run by the tests."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Wall time of the probe stage of SPEC §7 (one mode), quiet or beside CPU burners.
+"""Wall time of the probe stage of docs/run.md (one mode), quiet or beside CPU burners.
 
     python benchmarks/probe.py --json bench_probe.json
     python benchmarks/probe.py --load 8 --old_repeats 1 --json bench_probe_load8.json
@@ -14,11 +14,11 @@ weight decay 1e-4, 1e-2, 3 seeds, up to 200 epochs, patience 15.
 
 Sides, timed with ``time.perf_counter`` (process CPU time alongside) in one process:
 
-* ``new``: :func:`common.probe.fit_probes` as it is (the grid batched per seed, one torch
+* ``new``: :func:`common.evaluation.probe.fit_probes` as it is (the grid batched per seed, one torch
   thread per worker); ``--workers 1,2,3`` adds the same with ``PROBE_WORKERS`` forced to each
   value (``new_w1`` ...), to see what the worker count buys.
 * ``old`` (``--old``, on by default): the previous implementation's procedure, one
-  :class:`~common.probe.LinearProbe` per (lr, weight decay, seed) after the other, with
+  :class:`~common.evaluation.probe.LinearProbe` per (lr, weight decay, seed) after the other, with
   torch's default thread count (the old code used it for 45-class problems).
 
 One *round* runs every side once; every other round runs them in reverse order, so a drift
@@ -51,10 +51,10 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+import common.evaluation.probe as probe_module  # noqa: E402
 import configs  # noqa: E402
-import common.probe as probe_module  # noqa: E402
-from common.probe import LinearProbe, ProbeConfig, fit_probes  # noqa: E402
 from benchmarks.timing import log, machine_info, summarise  # noqa: E402
+from common.evaluation.probe import LinearProbe, ProbeConfig, fit_probes  # noqa: E402
 
 N_TRAIN, N_VAL, N_TEST, N_FEATURES, N_CLASSES = 5000, 1000, 1000, 1024, 45
 CLASS_SPREAD = 0.1

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Costs at real scale (SPEC §9): decoding, the whole extraction, the probe, a GPU.
+"""Costs at real scale (docs/performance.md): decoding, the whole extraction, the probe, a GPU.
 
     python benchmarks/scale.py --quick --json bench_scale.json
     python benchmarks/scale.py --gpu --json bench_gpu.json        # wherever CUDA is available
@@ -43,14 +43,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import configs  # noqa: E402
-from common.backbones import load_backbone  # noqa: E402
-from common.cache import Cache  # noqa: E402
-from common.features import extract_features  # noqa: E402
-from common.hooks import HookedViT  # noqa: E402
-from common.imagebank import ImageBank  # noqa: E402
-from common.intervention import Intervention  # noqa: E402
-from common.settings import resolve_workers  # noqa: E402
 from benchmarks.timing import log, summarise  # noqa: E402
+from common.app.settings import resolve_workers  # noqa: E402
+from common.data.cache import Cache  # noqa: E402
+from common.data.imagebank import ImageBank  # noqa: E402
+from common.models.backbone import load_backbone  # noqa: E402
+from common.models.hooks import HookedViT  # noqa: E402
+from common.registers.features import extract_features  # noqa: E402
+from common.registers.intervention import Intervention  # noqa: E402
 
 TARGETS = {"decodes_per_image": ("==", 1.0), "decodes_per_image_rerun_new_ttr": ("==", 0.0),
            "e2e_over_forward": ("<=", 1.10)}
@@ -86,9 +86,9 @@ def real_size_files(folder: Path, per_kind: int, seed: int = 0) -> list[str]:
 
 def decodes(workdir: Path) -> dict:
     """A whole demo run, then the same with other ttr settings: decodes per image from config.json."""
-    from common.cli import main
-    from common.options import DatasetSpec
-    from common.synthetic import make_synthetic
+    from common.app.cli import main
+    from common.app.options import DatasetSpec
+    from common.demo.synthetic import make_synthetic
 
     spec = DatasetSpec("aptos", "APTOS 2019", qwk=True)
     data = make_synthetic("aptos", workdir / "data", per_class=20, image_size=64)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput and memory ratios of SPEC §9, measured in one process on a noisy machine.
+"""Throughput and memory ratios of docs/performance.md, measured in one process on a noisy machine.
 
     python benchmarks/throughput.py --model clip   --quick --json bench_clip.json
     python benchmarks/throughput.py --model dinov2 --quick --json bench_dinov2.json
@@ -23,7 +23,7 @@ ttr_over_no_ttr          ``extract_features`` R=1 + intervention on top_k       
                          random neurons in layers <= highest_layer / no-ttr
 detect_over_forward      ``detect_register_neurons`` / stock forward, same      <= 1.25
                          batches (``detection_batch_size``)
-reference_over_detect    the reference repo's way (pinned by SPEC §9) / ours    >= 1.3
+reference_over_detect    the reference repo's way (pinned by docs/performance.md) / ours    >= 1.3
 cached_over_first        all (mode, split) features of a run from               <= 0.05
                          the checked feature cache / extracting them from PNGs on disk
 memory_4n_over_n         detection peak RSS on 4N images / on N images, in a    <= 1.1
@@ -62,18 +62,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import configs  # noqa: E402
-from common.backbones import Backbone, load_backbone  # noqa: E402
-from common.cache import Cache, cache_key  # noqa: E402
-from common.detection import (  # noqa: E402
-    NoOutliersError, collect_norms, detect_register_neurons, detection_batch_size,
-)
-from common.features import FeatureSet, extract_features  # noqa: E402
-from common.hooks import HookedViT  # noqa: E402
-from common.imagebank import ImageBank  # noqa: E402
-from common.intervention import Intervention, mode_setup  # noqa: E402
-from common.modes import MODES  # noqa: E402
-from common.neurons import SPARSE_ACTIVATION, SPARSE_FRACTION  # noqa: E402
 from benchmarks.timing import log, machine_info, summarise  # noqa: E402
+from common.data.cache import Cache, cache_key  # noqa: E402
+from common.data.imagebank import ImageBank  # noqa: E402
+from common.models.backbone import Backbone, load_backbone  # noqa: E402
+from common.models.hooks import HookedViT  # noqa: E402
+from common.registers.detection import (  # noqa: E402
+    NoOutliersError,
+    collect_norms,
+    detect_register_neurons,
+    detection_batch_size,
+)
+from common.registers.features import FeatureSet, extract_features  # noqa: E402
+from common.registers.intervention import Intervention, mode_setup  # noqa: E402
+from common.registers.modes import MODES  # noqa: E402
+from common.registers.neurons import SPARSE_ACTIVATION, SPARSE_FRACTION  # noqa: E402
 
 TARGETS: dict[str, tuple[str, float]] = {
     "hooked_over_stock": ("<=", 1.02),
@@ -164,7 +167,7 @@ def random_register_neurons(backbone: Backbone, config: dict) -> dict[int, list[
 
 
 # --------------------------------------------------------------------------------------------
-# the reference repository's way (SPEC §9), plain torch hooks and numpy
+# the reference repository's way (docs/performance.md), plain torch hooks and numpy
 
 
 @torch.no_grad()
@@ -360,7 +363,7 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
     rounds, heavy_rounds, n_images = preset["rounds"], preset["heavy_rounds"], preset["images"]
     if min(rounds, heavy_rounds, preset["memory_pairs"]) < MIN_ROUNDS:
         raise SystemExit(f"rounds, heavy rounds and memory pairs must be at least {MIN_ROUNDS} "
-                         "(SPEC §9: median of at least 5)")
+                         "(docs/performance.md: median of at least 5)")
     heavy_rounds = min(heavy_rounds, rounds)
     config = dict(configs.MODEL_CONFIGS[model])
     run_defaults = configs.RUN_DEFAULTS

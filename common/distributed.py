@@ -1,4 +1,4 @@
-"""Several processes under PyTorch's own launcher (SPEC §10).
+"""Several processes under PyTorch's own launcher (docs/run.md).
 
 ``torchrun --nproc_per_node=N test_aptos.py ...`` starts N copies; each calls :func:`setup`,
 which joins the process group (NCCL on GPUs, gloo on CPU) and gives each rank its GPU.  Work is

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import configs
-from common.backbones import load_backbone
+from common.models.backbone import load_backbone
 
 
 @pytest.fixture(scope="session")
@@ -85,8 +85,14 @@ def hook_count(module: torch.nn.Module) -> int:
 
 
 def names(*, residual=(), neurons=(), attention=(), cls_attention=(), final_tokens=False) -> list[str]:
-    """Hook-point names for the given layers (``common.hooks``)."""
-    from common.hooks import FINAL, attn_cls_pattern, attn_pattern, mlp_post, resid_post
+    """Hook-point names for the given layers (``common.models.hooks``)."""
+    from common.models.hooks import (
+        FINAL,
+        attn_cls_pattern,
+        attn_pattern,
+        mlp_post,
+        resid_post,
+    )
 
     return ([resid_post(l) for l in residual] + [mlp_post(l) for l in neurons]
             + [attn_pattern(l) for l in attention] + [attn_cls_pattern(l) for l in cls_attention]

@@ -1,0 +1,237 @@
+"""Command line shared by the entry scripts: parsing, config resolution, checks, exit codes.
+
+Exit codes: 0 done; 2 bad input or usage (one line naming the file, value or flag and what to
+do); 1 an unexpected failure (its traceback, then one line); 130 interrupted (see
+:func:`common.errors.run_entry`).
+
+Everything a user can get wrong is checked before any model work, in this order: flags and
+config values, the output folder, the configured model's layer ranges, a ``--neurons`` file
+against that model, the device, the weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import configs
+from common.app.options import DatasetSpec, RunOptions
+from common.errors import UserError, run_entry
+
+log = logging.getLogger("common")
+
+MODELS = tuple(configs.MODEL_CONFIGS)      # one per backbone family (common/families/)
+# config keys that choose or build a real model: the planted demo model has none of them
+DEMO_IGNORED_KEYS = ("backbone_size", "model_name", "pretrained", "force_quick_gelu")
+
+
+def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"test_{spec.name}.py",
+        description=f"{spec.title}: do the register-like high-norm tokens of a frozen ViT help or hurt "
+                    "a linear probe? Extracts features with and without test-time registers (no-ttr, ttr), "
+                    "trains the same probe on both and reports them side by side.",
+    )
+    parser.add_argument("--model", choices=MODELS,
+                        help="backbone family: clip (open_clip ViT-B/16 laion2b_s34b_b88k), dinov2 (ViT-L/14) "
+                             "or dinov3 (ViT-L/16)")
+    parser.add_argument("--image_path", help=f"root folder of the {spec.title} dataset as downloaded")
+    parser.add_argument("--manifest", help="CSV with path,label[,split] instead of a dataset folder")
+    parser.add_argument("--out", help="output folder (default runs/<dataset>_<model>_<timestamp>)")
+    parser.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--weights", help="local checkpoint: open_clip format for clip; timm or Meta's "
+                                          "original file for dinov2/dinov3")
+    parser.add_argument("--neurons", help="register neurons from a register_neurons.json, the course project's "
+                                          "register_neurons.pt, or 'paper' (published DINOv2 ViT-L/14 neurons) "
+                                          "instead of detecting them")
+    parser.add_argument("--zero_shot", action="store_true",
+                        help="clip: also classify by class-name prompts (no training), no-ttr vs ttr")
+    parser.add_argument("--reference_probes", help="folder with the course project's best_model_no_ttr.pth and "
+                                                   "best_model_ttr.pth: also score those saved probes")
+    parser.add_argument("--detect_images", type=int, help="training images sampled for detection (default 100)")
+    parser.add_argument("--detect_path", help="detect register neurons on the images of this folder instead")
+    parser.add_argument("--batch_size", type=int, help="images per forward (default 32)")
+    parser.add_argument("--num_workers", type=int,
+                        help="image decoding threads (default: the host's cores; 0 decodes in the main thread)")
+    parser.add_argument("--seed", type=int, help="seed for splits, detection sample and bootstrap (default 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of configs.py, e.g. --set top_k=30 (repeatable)")
+    parser.add_argument("--no_cache", action="store_true", help="ignore the cache (images, features, detection)")
+    parser.add_argument("--cache_dir", help="cache folder (default $TTR_CACHE_DIR or ~/.cache/ttr-medical)")
+    parser.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    parser.add_argument("--demo", action="store_true",
+                        help="run the whole pipeline on generated data in this dataset's layout with a small "
+                             "planted model (no downloads)")
+    parser.add_argument("--check_data", action="store_true",
+                        help="load and split the dataset, report layout, counts and skipped files; run no model")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    # Libraries log at WARNING and above; this tool's own modules at INFO (DEBUG with --verbose);
+    # under torchrun only rank 0 tells the story (the other ranks still warn).
+    from common.distributed import is_main_process
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.getLogger("common").setLevel(level if is_main_process() else logging.WARNING)
+
+
+def _safe_streams() -> None:
+    """File names that are not valid UTF-8 print as escapes instead of raising mid-report."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def resolve_config(args: argparse.Namespace, defaults: dict | None = None) -> dict:
+    """The validated config dict: the model's dict (or the run defaults alone), ``defaults``
+    (the demo's), ``--set`` overrides, then the dedicated flags."""
+    from common.app.settings import apply_overrides, base_config, validate
+
+    config = {**base_config(args.model), **(defaults or {})}
+    config = apply_overrides(config, args.set)
+    for flag in ("device", "detect_images", "batch_size", "num_workers", "seed"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            config[flag] = value
+    return validate(config, args.model)
+
+
+def _default_out(spec: DatasetSpec, what: str) -> Path:
+    return Path("runs") / f"{spec.name}_{what}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_data(spec: DatasetSpec, args: argparse.Namespace) -> int:
+    from common.app.outdir import prepare_out
+    from common.data.registry import check_data_report, load_dataset, write_splits
+
+    if not args.image_path and not args.manifest:
+        raise UserError("--check_data needs --image_path DIR (or --manifest FILE)")
+    config = resolve_config(args)
+    out = Path(args.out) if args.out else _default_out(spec, "check_data")
+    prepare_out(out, dataset=spec.name, model=args.model, check_data=True, image_path=args.image_path)
+    dataset = load_dataset(spec.name, args.image_path, manifest=args.manifest, seed=config["seed"],
+                           val_fraction=config["val_fraction"], test_fraction=config["test_fraction"],
+                           strict=args.strict)
+    print(check_data_report(dataset))
+    write_splits(dataset, out / "splits.csv")
+    print(f"splits written to {out / 'splits.csv'}")
+    return 0
+
+
+def _command_line(spec: DatasetSpec, argv: list[str]) -> list[str]:
+    """The command as typed, replayable: the entry script, then the arguments."""
+    script = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == f"test_{spec.name}.py" else f"test_{spec.name}.py"
+    return [script, *argv]
+
+
+def _options(spec: DatasetSpec, args: argparse.Namespace, out: Path, demo: bool) -> RunOptions:
+    return RunOptions(
+        model=args.model, image_path=args.image_path, out=out, manifest=args.manifest,
+        weights=args.weights, neurons=args.neurons, detect_path=args.detect_path,
+        reference_probes=args.reference_probes, no_cache=args.no_cache,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None, strict=args.strict, demo=demo,
+        command_line=_command_line(spec, args.argv),
+    )
+
+
+def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from common.app.outdir import prepare_out
+    from common.app.settings import validate_for_model
+    from common.models.families import get_family
+
+    if args.model is None:
+        parser.error(f"--model is required ({', '.join(MODELS)})")
+    if not args.demo and not args.image_path and not args.manifest:
+        parser.error("--image_path is required (or --manifest FILE, or --demo to try the tool)")
+    if args.demo and (args.weights or args.neurons == "paper"):
+        raise UserError("--demo runs the planted model: --weights and --neurons paper do not apply to it")
+    building = [item.split("=", 1)[0].strip() for item in args.set
+                if item.split("=", 1)[0].strip() in DEMO_IGNORED_KEYS]
+    if args.demo and building:
+        raise UserError(f"--demo runs the planted model: --set {building[0]} does not apply to it (it would only be "
+                        "recorded); leave it out, or run a real model without --demo")
+    demo_defaults = None
+    if args.demo:
+        from common.demo.demo import demo_defaults as defaults_of
+
+        demo_defaults = defaults_of(args.model)
+    config = resolve_config(args, demo_defaults)
+    if args.zero_shot:
+        config["zero_shot"] = True
+    if config["zero_shot"] and not get_family(args.model).supports_zero_shot:
+        raise UserError(f"--zero_shot needs a backbone with a text tower (clip); {args.model} has none")
+    out = Path(args.out) if args.out else _default_out(spec, args.model if not args.demo else f"demo_{args.model}")
+    planted = None
+    if args.demo:
+        from common.demo.demo import demo_model
+
+        planted = demo_model(args.model, seed=config["seed"], precision=config["precision"])
+        identity = planted.backbone.identity
+    else:
+        identity = get_family(args.model).identity(config)
+    validate_for_model(config, identity)
+    ranking = _preload_neurons(args, config, identity)
+    if args.reference_probes and not Path(args.reference_probes).is_dir():
+        raise UserError(f"--reference_probes {args.reference_probes}: not a folder; pass the course project's "
+                        "Trained_Models/<dataset>_<model>/ folder (best_model_no_ttr.pth, best_model_ttr.pth)")
+    from common import distributed
+    from common.models.devices import resolve_device
+
+    device = resolve_device(config["device"])
+    if distributed.is_main_process():
+        prepare_out(out, dataset=spec.name, model=args.model, image_path=args.image_path)
+        if not args.no_cache:
+            from common.app.outdir import check_cache_dir
+            from common.data.cache import default_cache_dir
+
+            check_cache_dir(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    options = _options(spec, args, out, demo=args.demo)
+    if not args.demo:
+        # Weights before anything slow: a missing file is reported at once.
+        from common.models.backbone import resolve_weights
+
+        options.weights = resolve_weights(args.model, config, options.weights)
+    from common.app.run import execute
+
+    execute(spec, options, config, device=device, planted=planted, ranking=ranking)
+    return 0
+
+
+def _preload_neurons(args: argparse.Namespace, config: dict, identity):
+    """A ``--neurons`` ranking read and checked against the configured model (before any model work)."""
+    if not args.neurons:
+        return None
+    from common.registers.neurons import NeuronRanking, paper_neurons
+
+    if args.neurons == "paper":
+        ranking = paper_neurons(args.model, config.get("backbone_size"))
+    else:
+        ranking = NeuronRanking.load(args.neurons)
+    ranking.check_model(identity, args.neurons)
+    return ranking
+
+
+def main(spec: DatasetSpec, argv: list[str] | None = None) -> int:
+    """Entry point of ``test_<dataset>.py``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(spec)
+    args = parser.parse_args(argv)  # usage errors exit 2 here, as argparse does
+    args.argv = argv
+    setup_logging(args.verbose)
+    _safe_streams()
+    def body() -> int:
+        if args.image_path and args.manifest:
+            raise UserError("--image_path and --manifest were both given; pass one of them (a manifest's "
+                            "relative paths resolve against the CSV's own folder)")
+        if args.check_data:
+            return _check_data(spec, args)
+        return _run(spec, args, parser)
+
+    return run_entry(body, interrupted="what was complete is cached; run the same command again to resume")

@@ -1,0 +1,729 @@
+"""The study (docs/study.md): every (dataset, backbone) cell of a paper's grid, resumed, then one report.
+
+::
+
+    python -m common.study --data pacemaker=DIR orthonet=DIR aptos=DIR --out DIR
+        [--models clip dinov2] [--axes normal_values=zero,mean backbone_size=vitl14,vitl14_reg
+        neurons=detected,paper top_k=10,20,50 feature=cls,patch_mean] [--zero_shot]
+        [--weights clip=PATH dinov2=PATH dinov2:vitl14_reg=PATH] [--set KEY=VALUE ...]
+        [--cache_dir DIR] [--device DEVICE]
+    python -m common.study --demo --out DIR [--data aptos orthonet] [--models clip] [--axes ...]
+    torchrun --nproc_per_node=N -m common.study ...
+
+The grid is each given dataset x each model x the values of the axes the user names.  An axis
+value applies only where it makes sense (``backbone_size`` to dinov2; ``neurons=paper`` to DINOv2
+ViT-L/14 only; in a demo neither, the planted models have one size and no published neurons);
+what does not apply is listed in the report with the reason, never silently dropped.
+
+Each cell is an ordinary run folder ``OUT/cells/<cell name>/`` made by calling
+:func:`common.app.cli.main` in this process with exactly the arguments a user would type after
+``python test_<dataset>.py`` (every path absolute, so the command in the report re-runs the cell
+alone from the repository root).  Cell names: ``<dataset>_<model>`` then ``_<axis>-<value>`` for
+each applicable axis in the order given, e.g. ``aptos_dinov2_backbone_size-vitl14_reg_top_k-20``.
+All cells share one cache folder (``--cache_dir``, else the tool's default), so decoded images,
+no-ttr features and detection computed for one cell are reused by the next.
+
+Resume: a cell whose ``config.json`` says ``"status": "done"`` and whose recorded command line
+is the one the study would run (same entry script, same arguments) is not run again; anything
+else (no folder, a failed or interrupted run, another command) is run (the caches make a re-run
+of unchanged work cheap).  A failing cell (exit code != 0) is recorded with its exit code and
+last error line and the study goes on; it exits 1 at the end if any cell failed, 130 when
+interrupted (finished cells stay finished: run the same command again), 2 for bad study arguments
+(one line naming the argument, before any run starts).
+
+Under torchrun every rank runs every cell inside one :func:`common.distributed.session` (the runs
+shard their own work; rank 0 decides which cells to resume and tells the others); only rank 0
+writes ``study.json``, the cell logs and the report.
+
+Writes ``OUT/study.json`` (the plan, each cell's command, status, exit code, seconds, and the
+skipped combinations), ``OUT/logs/<cell>.log`` (the tail of each cell's output), ``OUT/cells/``
+and ``OUT/report/`` (:mod:`common.reporting.studyreport`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import importlib.util
+import itertools
+import json
+import logging
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from common.app.cli import MODELS, setup_logging
+from common.app.options import DatasetSpec
+from common.errors import EXIT_INTERRUPTED, UserError, run_entry
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+DATASETS = ("pacemaker", "orthonet", "aptos")
+DEFAULT_MODELS = ("clip", "dinov2")
+STUDY_FILE = "study.json"
+STUDY_FORMAT = "ttr-study/1"
+# The demo grid: one axis, the question of Parodi et al. (zeroing is out of distribution).
+DEMO_AXES = {"normal_values": ("zero", "mean")}
+# The demo's trimmed statistics (one probe seed, fewer resamples, one figure image): the grid of
+# 12 cells then fits in a few minutes on 2 cores.
+DEMO_SETS = ("probe_seeds=(0,)", "bootstrap_resamples=200", "figure_images=1", "analysis_images=16")
+LOG_TAIL_LINES = 400
+
+
+class StudyError(UserError):
+    """A bad study argument (exit 2, one line)."""
+
+
+# --------------------------------------------------------------------------------------------
+# axes
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One optional grid axis: its values, the run arguments of a value, and where it applies."""
+
+    name: str
+    choices: tuple[str, ...] | None          # None: any positive integer
+    models: tuple[str, ...] | None           # None: every model
+    explain: str                             # why it does not apply to the other models
+
+    def parse(self, raw: str) -> str:
+        value = raw.strip()
+        if self.choices is None:
+            if not value.isdigit() or int(value) < 1:
+                raise StudyError(f"--axes {self.name}: value {raw!r} is not a positive integer")
+            return str(int(value))
+        if value not in self.choices:
+            raise StudyError(f"--axes {self.name}: unknown value {raw!r}; valid: {', '.join(self.choices)}")
+        return value
+
+    def arguments(self, value: str) -> list[str]:
+        """What a user types for this value after ``test_<dataset>.py``."""
+        if self.name == "neurons":
+            return ["--neurons", "paper"] if value == "paper" else []
+        return ["--set", f"{self.name}={value}"]
+
+
+def _axes() -> dict[str, Axis]:
+    from common.app.settings import CHOICES
+    from common.models.dinov2 import ARCHS
+
+    return {
+        "normal_values": Axis("normal_values", tuple(CHOICES["normal_values"]), None, ""),
+        "backbone_size": Axis("backbone_size", tuple(ARCHS), ("dinov2",),
+                              "backbone_size names DINOv2 sizes (and their trained-register *_reg variants); "
+                              "this model has one backbone, run once"),
+        "neurons": Axis("neurons", ("detected", "paper"), None, ""),
+        "top_k": Axis("top_k", None, None, ""),
+        "feature": Axis("feature", tuple(CHOICES["feature"]), None, ""),
+    }
+
+
+AXES: dict[str, Axis] = _axes()
+PAPER_NEURON_COUNT = 45  # the published DINOv2 ViT-L/14 set (common.registers.neurons.PAPER_NEURONS_DINOV2_VITL14)
+
+
+# --------------------------------------------------------------------------------------------
+# the request and the plan
+
+
+@dataclass
+class Request:
+    """The parsed, checked study arguments."""
+
+    out: Path
+    datasets: dict[str, Path | None]          # dataset -> folder (None in a demo: generated)
+    models: tuple[str, ...]
+    axes: dict[str, tuple[str, ...]]          # axis -> values, in the order given
+    zero_shot: bool = False
+    weights: dict[str, Path] = field(default_factory=dict)   # "clip" / "dinov2" / "dinov2:vitl14_reg"
+    sets: tuple[str, ...] = ()
+    cache_dir: Path | None = None
+    device: str | None = None
+    demo: bool = False
+    seed: int = 0
+    default_sizes: dict[str, str] = field(default_factory=dict)   # model -> configured backbone_size
+    command_line: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    """One run of the grid and what became of it."""
+
+    name: str
+    dataset: str
+    model: str
+    settings: dict[str, str]                  # applicable axis -> value
+    argv: list[str]                           # after ``test_<dataset>.py``
+    folder: str
+    status: str = "pending"                   # pending | done | resumed | failed | interrupted
+    exit_code: int | None = None
+    error: str = ""
+    seconds: float | None = None
+
+    @property
+    def script(self) -> str:
+        return f"test_{self.dataset}.py"
+
+    def command(self) -> str:
+        """The shell command that re-runs this cell alone (from the repository root)."""
+        return shlex.join(["python", self.script, *self.argv])
+
+
+@dataclass
+class Skipped:
+    """A combination of the grid that is not run, and why."""
+
+    dataset: str
+    model: str
+    combination: str
+    reason: str
+
+
+def _combination_text(combo: dict[str, str]) -> str:
+    return ", ".join(f"{axis}={value}" for axis, value in combo.items())
+
+
+def cell_name(dataset: str, model: str, settings: dict[str, str]) -> str:
+    """``<dataset>_<model>`` then ``_<axis>-<value>`` per applicable axis (order as given)."""
+    return "_".join([dataset, model, *(f"{axis}-{value}" for axis, value in settings.items())])
+
+
+def _weights_for(request: Request, model: str, size: str | None) -> Path | None:
+    """``MODEL:SIZE=PATH`` for that size; ``MODEL=PATH`` for the configured size only (a ViT-L/14
+    checkpoint cannot serve a vitl14_reg cell)."""
+    configured = request.default_sizes.get(model)
+    size = size or configured
+    if size and f"{model}:{size}" in request.weights:
+        return request.weights[f"{model}:{size}"]
+    if size == configured:
+        return request.weights.get(model)
+    return None
+
+
+def _cell_argv(request: Request, dataset: str, model: str, settings: dict[str, str], folder: Path) -> list[str]:
+    from common.models.families import get_family
+
+    argv = ["--model", model]
+    if request.demo:
+        argv.append("--demo")
+    data = request.datasets[dataset] if not request.demo else request.out / "data" / dataset
+    argv += ["--image_path", str(Path(data).resolve()), "--out", str(folder.resolve())]
+    if request.cache_dir is not None:
+        argv += ["--cache_dir", str(request.cache_dir.resolve())]
+    if request.device:
+        argv += ["--device", request.device]
+    weights = _weights_for(request, model, settings.get("backbone_size"))
+    if weights is not None:
+        argv += ["--weights", str(weights.resolve())]
+    if request.zero_shot and get_family(model).supports_zero_shot:
+        argv.append("--zero_shot")
+    for item in (*DEMO_SETS, *request.sets) if request.demo else request.sets:
+        argv += ["--set", item]
+    for axis, value in settings.items():
+        argv += AXES[axis].arguments(value)
+    return argv
+
+
+def _combo_rule(request: Request, model: str, combo: dict[str, str]) -> tuple[dict[str, str] | None, str, str]:
+    """The settings a combination runs with (None: skipped), the reason when it is skipped or
+    reduced, and the axis values that cause it."""
+    if combo.get("neurons") != "paper":
+        return combo, "", ""
+    if model != "dinov2":
+        return None, (f"the published register neurons are DINOv2 ViT-L/14's (found on ImageNet); {model} "
+                      "has none: its cells detect theirs"), "neurons=paper"
+    if request.demo:
+        return None, "the demo's planted model has no published neurons (they index DINOv2 ViT-L/14)", "neurons=paper"
+    size = combo.get("backbone_size", request.default_sizes.get("dinov2"))
+    if size != "vitl14":
+        return None, (f"the published neurons index DINOv2 ViT-L/14 without trained registers; "
+                      f"backbone_size={size} is another model"), f"neurons=paper, backbone_size={size}"
+    if "top_k" in combo:
+        reduced = {axis: value for axis, value in combo.items() if axis != "top_k"}
+        return reduced, (f"the published set ({PAPER_NEURON_COUNT} neurons, listed by layer, not ranked) is used "
+                         "whole with the configured top_k; top_k would cut it in published order, so it runs once "
+                         "as {cell}"), f"neurons=paper, top_k={combo['top_k']}"
+    return combo, "", ""
+
+
+def plan_grid(request: Request) -> tuple[list[Cell], list[Skipped]]:
+    """The cells (each dataset x each model x the applicable axis values) and what is skipped."""
+    cells: list[Cell] = []
+    skipped: list[Skipped] = []
+    seen: set[str] = set()
+    for dataset in request.datasets:
+        for model in request.models:
+            axes = {}
+            for axis, values in request.axes.items():
+                rule = AXES[axis]
+                if axis == "backbone_size" and request.demo:
+                    skipped.append(Skipped(dataset, model, f"{axis}={','.join(values)}",
+                                           "the demo's planted models have one size; run once"))
+                elif rule.models is not None and model not in rule.models:
+                    skipped.append(Skipped(dataset, model, f"{axis}={','.join(values)}",
+                                           f"applies to {', '.join(rule.models)} only: {rule.explain}"))
+                else:
+                    axes[axis] = values
+            for values in itertools.product(*axes.values()):
+                combo = dict(zip(axes, values))
+                settings, reason, cause = _combo_rule(request, model, combo)
+                name = cell_name(dataset, model, settings) if settings is not None else ""
+                if reason:
+                    entry = Skipped(dataset, model, cause, reason.format(cell=name))
+                    if entry not in skipped:   # one line per cause, not per combination of the other axes
+                        skipped.append(entry)
+                if settings is None or name in seen:
+                    continue
+                seen.add(name)
+                folder = request.out / "cells" / name
+                cells.append(Cell(name, dataset, model, settings,
+                                  _cell_argv(request, dataset, model, settings, folder), str(folder.resolve())))
+    return cells, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), like every other bad argument of the study."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise StudyError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m common.study",
+        description="Run the grid a paper needs (each dataset x each backbone x the axes you name), one ordinary "
+                    "run folder per cell, resuming finished cells, then write one report (paper table with "
+                    "Holm-adjusted p-values, per-class deltas, calibration, register-neuron overlap, scores by "
+                    "layer, outlier statistics).")
+    parser.add_argument("--data", nargs="+", default=[], metavar="DATASET=DIR",
+                        help=f"dataset folders, e.g. aptos=/data/aptos; datasets: {', '.join(DATASETS)} "
+                             "(with --demo: dataset names only, default all three)")
+    parser.add_argument("--out", help="study folder: cells/, logs/, report/, study.json")
+    parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                        help=f"backbone families ({', '.join(MODELS)}; default {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--axes", nargs="*", default=None, metavar="AXIS=V1,V2",
+                        help="grid axes: " + "; ".join(
+                            f"{a.name} ({', '.join(a.choices) if a.choices else 'positive integers'})"
+                            for a in AXES.values()) + " (--demo default: normal_values=zero,mean)")
+    parser.add_argument("--zero_shot", action="store_true",
+                        help="clip cells also score class-name prompts, no-ttr vs ttr (other models have no text "
+                             "tower; on in --demo)")
+    parser.add_argument("--weights", nargs="+", default=[], metavar="MODEL[:SIZE]=PATH",
+                        help="local checkpoints per model, e.g. clip=PATH dinov2=PATH dinov2:vitl14_reg=PATH "
+                             "(MODEL=PATH serves the configured size only)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every cell (an axis key cannot also be set here)")
+    parser.add_argument("--cache_dir", help="one cache for every cell (default: the tool's default)")
+    parser.add_argument("--device", help="device of every cell: auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--demo", action="store_true",
+                        help="a small grid on the planted fixture: synthetic data in each dataset's real layout "
+                             "under OUT/data/, clip and dinov2, normal_values=zero,mean, trimmed statistics")
+    return parser
+
+
+def _parse_data(items: Sequence[str], demo: bool) -> dict[str, Path | None]:
+    datasets: dict[str, Path | None] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in DATASETS:
+            raise StudyError(f"--data {item}: unknown dataset {key!r}; use {', '.join(DATASETS)}")
+        if key in datasets:
+            raise StudyError(f"--data {item}: {key} is given twice")
+        if demo:
+            if sep:
+                raise StudyError(f"--data {item}: --demo generates its data; pass dataset names only "
+                                 "(e.g. --data aptos orthonet)")
+            datasets[key] = None
+            continue
+        if not sep or not value.strip():
+            raise StudyError(f"--data {item}: expected {key}=DIR (the {key} dataset folder)")
+        folder = Path(value).expanduser()
+        if not folder.is_dir():
+            raise StudyError(f"--data {item}: no such folder {folder}; pass the {key} dataset folder")
+        datasets[key] = folder
+    return datasets
+
+
+def _parse_axes(items: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    axes: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip()
+        if name not in AXES:
+            raise StudyError(f"--axes {item}: unknown axis {name!r}; valid: {', '.join(AXES)}")
+        if name in axes:
+            raise StudyError(f"--axes {item}: axis {name} is given twice")
+        raw = [v for v in values.split(",") if v.strip()] if sep else []
+        if not raw:
+            raise StudyError(f"--axes {item}: give the values, e.g. {name}="
+                             + ",".join((AXES[name].choices or ("10", "20"))[:2]))
+        parsed = tuple(dict.fromkeys(AXES[name].parse(v) for v in raw))
+        axes[name] = parsed
+    return axes
+
+
+def _parse_weights(items: Sequence[str], models: Sequence[str]) -> dict[str, Path]:
+    weights: dict[str, Path] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        model, _, size = key.strip().partition(":")
+        if not sep or model not in MODELS:
+            raise StudyError(f"--weights {item}: expected MODEL=PATH or MODEL:SIZE=PATH with MODEL one of "
+                             f"{', '.join(MODELS)}")
+        if model not in models:
+            raise StudyError(f"--weights {item}: {model} is not among --models ({' '.join(models)})")
+        if size and size not in AXES["backbone_size"].choices:
+            raise StudyError(f"--weights {item}: unknown size {size!r}; valid: "
+                             f"{', '.join(AXES['backbone_size'].choices)}")
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise StudyError(f"--weights {item}: no such file {path}")
+        weights[key.strip()] = path
+    return weights
+
+
+def _check_sets(sets: Sequence[str], models: Sequence[str], axes: dict[str, tuple[str, ...]],
+                demo: bool) -> tuple[int, dict[str, str]]:
+    """Every override valid for every model (as its runs will resolve it); returns the seed and
+    each model's configured backbone_size."""
+    from common.app.settings import apply_overrides, base_config, validate
+
+    for item in sets:
+        key = item.partition("=")[0].strip()
+        if key in axes:
+            raise StudyError(f"--set {item}: {key} is a grid axis here (--axes {key}=...); set it in one place")
+        if key == "zero_shot":
+            raise StudyError(f"--set {item}: use the study's --zero_shot flag (it applies to clip cells only)")
+    seed, sizes = 0, {}
+    for model in models:
+        defaults = None
+        if demo:
+            from common.demo.demo import demo_defaults
+
+            defaults = demo_defaults(model)
+        config = {**base_config(model), **(defaults or {})}
+        config = validate(apply_overrides(config, [*(DEMO_SETS if demo else ()), *sets]), model)
+        seed = int(config["seed"])
+        if "backbone_size" in config:
+            sizes[model] = str(config["backbone_size"])
+    return seed, sizes
+
+
+def parse_args(argv: Sequence[str]) -> Request:
+    """The checked request (StudyError naming the argument otherwise); runs nothing."""
+    args = build_parser().parse_args(list(argv))
+    if not args.out:
+        raise StudyError("--out is required: the study folder (cells/, report/, study.json)")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--out {out} is a file; pass a folder for the study")
+    if not args.demo and not args.data:
+        raise StudyError("--data is required: e.g. --data pacemaker=DIR orthonet=DIR aptos=DIR (or --demo)")
+    if args.demo and args.weights:
+        raise StudyError("--weights: --demo runs the planted models; drop --weights")
+    datasets = _parse_data(args.data, args.demo) if args.data else dict.fromkeys(DATASETS)
+    models = tuple(args.models) if args.models else DEFAULT_MODELS
+    for model in models:
+        if model not in MODELS:
+            raise StudyError(f"--models {model}: unknown model; use {', '.join(MODELS)}")
+    if len(set(models)) != len(models):
+        raise StudyError(f"--models {' '.join(models)}: a model is given twice")
+    if args.axes is None:
+        axes = dict(DEMO_AXES) if args.demo else {}
+    else:
+        axes = _parse_axes(args.axes)
+    weights = _parse_weights(args.weights, models)
+    seed, sizes = _check_sets(args.set, models, axes, args.demo)
+    if args.device:
+        from common.models.devices import resolve_device
+
+        resolve_device(args.device)
+    return Request(out=out, datasets=datasets, models=models, axes=axes, zero_shot=args.zero_shot or args.demo,
+                   weights=weights, sets=tuple(args.set), cache_dir=Path(args.cache_dir).expanduser()
+                   if args.cache_dir else None, device=args.device, demo=args.demo, seed=seed, default_sizes=sizes,
+                   command_line=["python", "-m", "common.study", *argv])
+
+
+# --------------------------------------------------------------------------------------------
+# running one cell
+
+
+def load_entry(dataset: str) -> DatasetSpec:
+    """The ``DATASET`` spec of ``test_<dataset>.py`` at the repository root (loaded by path, so the
+    study runs exactly what the script runs)."""
+    path = ROOT / f"test_{dataset}.py"
+    spec = importlib.util.spec_from_file_location(f"_study_entry_{dataset}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DATASET
+
+
+def invoke(spec: DatasetSpec, argv: list[str]) -> int:
+    """``common.app.cli.main`` in this process; argparse's own exits become exit codes."""
+    from common.app.cli import main as run_main
+
+    try:
+        return int(run_main(spec, list(argv)))
+    except SystemExit as stop:
+        code = stop.code
+        return 0 if code is None else code if isinstance(code, int) else 2
+
+
+class _Tee:
+    """stderr that is also remembered (the last lines), for the cell's log and its error line."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.lines: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        parts = (self._partial + text).split("\n")
+        self._partial = parts.pop()
+        for part in parts:
+            # progress bars redraw with \r: keep only what a terminal would end up showing
+            self.lines.append(part.rstrip("\r").rsplit("\r", 1)[-1])
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def text(self) -> str:
+        tail = self._partial.rsplit("\r", 1)[-1]
+        return "\n".join([*self.lines, *([tail] if tail.strip() else [])]) + "\n"
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
+
+
+def last_error_line(text: str) -> str:
+    """The line that says what went wrong: the CLI's ``error: ...`` line, else (an unexpected
+    failure) the traceback's last line, else the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:") and not line.startswith("error: unexpected failure"):
+            return line
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line
+    return lines[-1] if lines else ""
+
+
+def finished(cell: Cell) -> bool:
+    """True when the cell's folder holds a finished run of exactly this cell's command."""
+    try:
+        info = json.loads((Path(cell.folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    recorded = info.get("command_line") if isinstance(info, dict) else None
+    return (info.get("status") == "done" and isinstance(recorded, list) and len(recorded) >= 1
+            and Path(str(recorded[0])).name == cell.script and list(recorded[1:]) == cell.argv)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _release_memory() -> None:
+    """A cell's backbone is garbage once it returns; free it before the next one loads."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run_cell(cell: Cell, spec: DatasetSpec, main: bool) -> tuple[int, str]:
+    """Run one cell (every rank calls it; ``main`` is rank 0); returns (exit code, the tail of what
+    it printed on stderr)."""
+    tee = _Tee(sys.stderr)
+    previous = sys.stderr
+    sys.stderr = tee
+    try:
+        code = invoke(spec, cell.argv)
+    finally:
+        sys.stderr = previous
+        setup_logging()  # the run pointed logging at the tee; point it back
+        _release_memory()
+    return code, tee.text()
+
+
+# --------------------------------------------------------------------------------------------
+# the study
+
+
+def study_record(request: Request, cells: list[Cell], skipped: list[Skipped], status: str,
+                 seconds: float | None = None) -> dict:
+    """What ``study.json`` holds (and :mod:`common.reporting.studyreport` reads)."""
+    return {
+        "format": STUDY_FORMAT,
+        "status": status,
+        "demo": request.demo,
+        "root": str(ROOT),
+        "command_line": request.command_line,
+        "out": str(request.out.resolve()),
+        "datasets": {k: (str(v.resolve()) if v else None) for k, v in request.datasets.items()},
+        "models": list(request.models),
+        "axes": {k: list(v) for k, v in request.axes.items()},
+        "zero_shot": request.zero_shot,
+        "sets": [*(DEMO_SETS if request.demo else ()), *request.sets],
+        "cache_dir": str(request.cache_dir.resolve()) if request.cache_dir else None,
+        "device": request.device,
+        "weights": {k: str(v.resolve()) for k, v in request.weights.items()},
+        "wall_seconds": seconds,
+        "cells": [{**asdict(cell), "command": cell.command(), "script": cell.script} for cell in cells],
+        "skipped": [asdict(s) for s in skipped],
+    }
+
+
+def _demo_data(request: Request) -> None:
+    from common.demo.demo import demo_data_at
+
+    for dataset in request.datasets:
+        demo_data_at(dataset, request.out / "data" / dataset, request.seed)
+
+
+def _session_device(request: Request):
+    from common.models.devices import resolve_device
+
+    return resolve_device(request.device or ("cpu" if request.demo else "auto"))
+
+
+Runner = Callable[[Cell, DatasetSpec, bool], tuple[int, str]]
+
+
+def run_grid(cells: list[Cell], dist, save: Callable[[], None], runner: Runner = run_cell) -> bool:
+    """Run (or resume) every cell in order; returns False when interrupted."""
+    from common.io import write_text
+
+    main = dist.is_main
+    specs = {dataset: load_entry(dataset) for dataset in {cell.dataset for cell in cells}}
+    to_run = [not finished(cell) for cell in cells]   # for the ETA only; decided again per cell
+    durations: list[float] = []
+    total = len(cells)
+    for index, cell in enumerate(cells):
+        label = f"cell {index + 1}/{total} {cell.name}"
+        resume = dist.broadcast(finished(cell) if main else None)
+        if resume:
+            cell.status, cell.exit_code = "resumed", 0
+            if main:
+                _progress(f"{label}: resumed (finished earlier: {cell.folder})")
+                save()
+            continue
+        if main:
+            _progress(f"{label}: running: {cell.command()}")
+        started = time.monotonic()
+        try:
+            code, output = runner(cell, specs[cell.dataset], main)
+        except KeyboardInterrupt:
+            code, output = EXIT_INTERRUPTED, ""
+        cell.seconds = round(time.monotonic() - started, 1)
+        cell.exit_code = code
+        if main:
+            write_text(Path(cell.folder).parent.parent / "logs" / f"{cell.name}.log",
+                       f"$ {cell.command()}\n{output}")
+        if code == EXIT_INTERRUPTED:
+            cell.status = "interrupted"
+            if main:
+                save()
+            return False
+        durations.append(cell.seconds)
+        left = sum(to_run[index + 1:])
+        eta = f"; ETA {_duration(left * sum(durations) / len(durations))}" if left else ""
+        if code == 0:
+            cell.status = "done"
+            message = f"done in {_duration(cell.seconds)}{eta}"
+        else:
+            cell.status = "failed"
+            cell.error = last_error_line(output)
+            message = f"FAILED (exit {code}) in {_duration(cell.seconds)}: {cell.error}{eta}"
+        if main:
+            _progress(f"{label}: {message}")
+            save()
+    return True
+
+
+def run_study(request: Request, runner: Runner = run_cell) -> int:
+    """Plan, run the grid, write the report; returns the exit code (0, 1 a cell failed, 130)."""
+    from common import distributed
+    from common.io import write_json
+
+    cells, skipped = plan_grid(request)
+    if not cells:
+        raise StudyError("the grid is empty: every combination was skipped ("
+                         + "; ".join(f"{s.combination}: {s.reason}" for s in skipped[:2]) + ")")
+    started = time.monotonic()
+    study_file = request.out / STUDY_FILE
+    with distributed.session(_session_device(request)) as (dist, _):
+        main = dist.is_main
+
+        def save(status: str = "running") -> None:
+            if main:
+                write_json(study_file, study_record(request, cells, skipped, status,
+                                                    round(time.monotonic() - started, 1)))
+
+        if main:
+            request.out.mkdir(parents=True, exist_ok=True)
+            save()
+            log.info("study: %d cells (%d datasets x %d models%s), %d combinations skipped; %s",
+                     len(cells), len(request.datasets), len(request.models),
+                     "".join(f" x {axis} {','.join(v)}" for axis, v in request.axes.items()), len(skipped),
+                     study_file)
+            if request.demo:
+                _demo_data(request)
+        dist.barrier()  # the demo's data is complete before any rank reads it
+        complete = run_grid(cells, dist, save, runner)
+        if not complete:
+            save("interrupted")
+            if main:
+                _progress("interrupted: finished cells are kept; run the same command again to resume")
+            return EXIT_INTERRUPTED
+        failed = [cell for cell in cells if cell.status == "failed"]
+        save("done" if not failed else "failed cells")
+        if main:
+            from common.reporting.studyreport import write_report
+
+            report = write_report(study_record(request, cells, skipped, "done" if not failed else "failed cells",
+                                               round(time.monotonic() - started, 1)), request.out / "report")
+            _progress(f"study: {len(cells)} cells ({sum(c.status == 'resumed' for c in cells)} resumed, "
+                      f"{len(failed)} failed) in {_duration(time.monotonic() - started)}; report: {report}")
+            if failed:
+                _progress("failed cells: " + ", ".join(f"{c.name} (exit {c.exit_code})" for c in failed))
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m common.study``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    return run_entry(lambda: run_study(parse_args(argv)),
+                     interrupted="finished cells are kept; run the same command again to resume")

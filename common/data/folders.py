@@ -1,0 +1,159 @@
+"""Reading folder trees as datasets ship them: listings without OS litter, names matched in any
+case, image folders that Kaggle doubles (``train_images/train_images/``), split folders, class
+folders, and the wrapper folder an unzipped archive adds around everything."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from common.data.dataset import SPLITS, Notes, first_few, found_table, printable
+from common.data.images import IMAGE_SUFFIXES, is_ignored
+from common.errors import UserError
+
+logger = logging.getLogger("common.data.registry")
+
+# Folder names (lower case) that mean a split rather than a class.
+SPLIT_FOLDER_NAMES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}
+
+
+def listdir(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Subfolders and files of ``folder`` (sorted by name), hidden files and OS litter left out."""
+    dirs, files = [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if is_ignored(entry.name):
+            continue
+        (dirs if entry.is_dir() else files).append(Path(entry.path))
+    return dirs, files
+
+
+def image_files(files: Iterable[Path]) -> list[Path]:
+    """The files whose suffix is an image suffix."""
+    return [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def walk_images(folder: Path) -> list[Path]:
+    """Every file with an image suffix under ``folder`` (recursive, sorted), litter left out."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        found.extend(Path(dirpath) / f for f in sorted(filenames)
+                     if not is_ignored(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return found
+
+
+def find_child(folder: Path, name: str) -> Path | None:
+    """``folder/name`` matched case-insensitively (the exact spelling preferred), or None."""
+    exact = folder / name
+    if exact.exists():
+        return exact
+    matches = sorted(e for e in os.listdir(folder) if e.lower() == name.lower())
+    return folder / matches[0] if matches else None
+
+
+def image_folder(root: Path, name: str) -> Path | None:
+    """The image folder ``root/name/``, or ``root/name/name/`` when Kaggle doubled it (the
+    outer folder then holds the inner one and no images of its own); None if absent."""
+    outer = find_child(root, name)
+    if outer is None or not outer.is_dir():
+        return None
+    inner = find_child(outer, name)
+    if inner is not None and inner.is_dir() and not image_files(listdir(outer)[1]):
+        return inner
+    return outer
+
+
+def shown_folder(folder: Path, root: Path) -> str:
+    """``folder`` relative to ``root`` with a trailing slash, for layout lines."""
+    return printable(os.path.relpath(folder, root)) + "/"
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """Subfolders of ``root`` named like a split (any case) -> ``{split: folder}``."""
+    found: dict[str, Path] = {}
+    for folder in listdir(root)[0]:
+        split = SPLIT_FOLDER_NAMES.get(folder.name.lower())
+        if split is None:
+            continue
+        if split in found:
+            raise UserError(
+                f"both {printable(found[split])} and {printable(folder)} look like the {split} split "
+                "folder; keep one of them (or choose the images with --manifest FILE)")
+        found[split] = folder
+    return found
+
+
+def _litter(name: str) -> bool:
+    # AppleDouble files (._x) next to a wrapper folder are macOS metadata, not content.
+    return is_ignored(name) or name.startswith("._")
+
+
+def descend_wrappers(root: Path, keep: frozenset[str]) -> tuple[Path, list[str]]:
+    """Go down through wrapper folders (an unzipped archive's top folder): while ``root`` holds
+    nothing but one subfolder, read from inside it.  A folder that is part of a layout (a split
+    folder, or a name in ``keep`` such as ``orthonet data``) is never a wrapper.
+
+    Returns the folder to read and the names of the wrappers passed.
+    """
+    passed: list[str] = []
+    while True:
+        entries = [e for e in os.scandir(root) if not _litter(e.name)]
+        if len(entries) != 1 or not entries[0].is_dir():
+            return root, passed
+        name = entries[0].name
+        if name.lower() in SPLIT_FOLDER_NAMES or name.lower() in keep:
+            return root, passed
+        root = Path(entries[0].path)
+        passed.append(printable(name))
+        logger.info("reading the dataset from inside the wrapper folder %s", printable(root))
+
+
+def class_folders(root: Path, notes: Notes, *, class_of=lambda name: name, naming: str = ""):
+    """Class-per-folder, with or without split folders (``Train/<class>/``, ``Test/<class>/``).
+
+    ``class_of(folder name)`` gives the class name, or None for a folder that is no class of
+    this dataset (an error listing them, ending with ``naming``: how to name class folders).  Images lying outside any class folder are skipped.
+    Returns ``(found table, layout text)`` with the folder name as raw label.
+    """
+    splits = split_folders(root)
+    if splits:
+        if "train" not in splits:
+            raise UserError(
+                f"{printable(root)} has split folder(s) {first_few(p.name for p in splits.values())} "
+                "but no Train/ folder; add Train/<class>/ folders")
+        others = [d.name for d in listdir(root)[0] if d not in splits.values()]
+        if others:
+            notes.warn(f"ignoring {len(others)} folder(s) beside the split folders: "
+                       f"{first_few(printable(o) for o in others)}")
+        parts = [(splits[s], s) for s in SPLITS if s in splits]
+    else:
+        parts = [(root, None)]
+    rows, unknown, described = [], set(), []
+    for folder, split in parts:
+        dirs, files = listdir(folder)
+        for stray in image_files(files):
+            notes.skip(stray, "not inside a class folder")
+        n_classes = 0
+        for class_dir in dirs:
+            images = walk_images(class_dir)
+            if not images:
+                continue
+            name = class_of(class_dir.name)
+            if name is None:
+                unknown.add(printable(class_dir.name))
+                continue
+            n_classes += 1
+            rows.extend((str(p), class_dir.name, name, split) for p in images)
+        described.append(f"{shown_folder(folder, root)} ({n_classes} class folders)")
+    if unknown:
+        raise UserError(f"unknown class folder(s) in {printable(root)}: {first_few(sorted(unknown))}"
+                        + (f"; {naming}" if naming else ""))
+    if splits:
+        return found_table(rows), "class-per-folder under " + ", ".join(described)
+    return found_table(rows), f"class-per-folder directly under the root ({n_classes} class folders), no split folders"

@@ -1,0 +1,593 @@
+"""Test-split metrics, seeded bootstrap intervals and the paired comparison of modes (docs/run.md).
+
+One prediction per mode
+    A mode's prediction is the **seed ensemble**, the mean probability over its probe seeds
+    (``[S, N, C] -> [N, C]``, :func:`ensemble_predictions`).  That one matrix gives the headline
+    metrics, their intervals, every paired test and ``predictions_<mode>.csv``, so the table,
+    the tests and the predictions file cannot disagree.  The per-seed metrics only give the
+    spread beside them (``<metric>_seed_sd``, sample sd with ``ddof=1``; 0 for one seed).
+
+Bootstrap
+    ``n_boot`` resamples of the test rows (indices from ``numpy.random.default_rng(seed)``,
+    ``integers(0, N, size=(n_boot, N))``), held as multiplicities ``W [B, N]``.  The same ``W``
+    serves every mode, so the per-mode intervals and the paired differences come from the same
+    resamples.  :func:`_bootstrap_metrics` computes every metric on all resamples in one
+    vectorised pass (per-class counts are ``W @ onehot``; the one-vs-rest AUC is the tie-aware
+    Mann-Whitney statistic with the multiplicities as weights); the full test set is one more
+    row of ``W`` (all ones), so point estimates and resamples share one code path, and
+    ``tests/test_metrics.py`` checks both against scikit-learn.  A resample on which a metric is
+    undefined (AUC with no class that has a positive and a negative; QWK with no expected
+    disagreement) is skipped for that metric, and for a difference, every resample where either
+    mode's value is undefined.
+
+Intervals
+    95% percentile intervals taken as order statistics: with ``B`` usable resamples and
+    ``j = #{k >= 0 : 2k/B < 0.05}`` (``j = 25`` for ``B = 1000``) the interval is
+    ``[j-th smallest, j-th largest]``.  That choice makes the interval of a difference agree
+    exactly with its p-value (below).
+
+Paired tests (``mode - baseline`` on the same test images)
+    * **Paired bootstrap** for every headline metric: ``d* = m*(mode) - m*(baseline)`` on each
+      shared resample, ``d`` on the full test set.  p-value by **percentile inversion**:
+      ``p = min(1, 2 * min(#{d* <= 0}, #{d* >= 0}) / B)`` (resamples with no difference count on
+      both sides, so identical modes give ``p = 1``; differences within 1e-12 are floating-point
+      noise and count as 0).  With the order-statistic interval above, ``p < 0.05`` holds
+      exactly when the 95% interval of the difference excludes 0: ``#{d* <= 0} < j`` is the
+      same statement as "the j-th smallest ``d*`` is > 0" (and likewise above), and ``j`` is
+      defined through the same floating-point expression ``2k/B < 0.05`` as the comparison
+      ``p < 0.05``.  So the verdict (decided on ``p``) never contradicts the interval it quotes.
+    * **Exact McNemar** on top-1 correctness of the two ensembles: ``mcnemar_b`` = images the
+      baseline gets right and the mode gets wrong, ``mcnemar_c`` = the reverse,
+      ``p_mcnemar_top1 = scipy.stats.binomtest(b, b + c, 0.5)`` (two-sided; 1 when ``b + c = 0``).
+
+Why percentile inversion (measured calibration)
+    It was measured against the null-centred construction ``p = #{|d* - d| >= |d|} / B`` on
+    simulated test sets where the two modes are exchangeable (two probability matrices drawn
+    alike, with a shared component so the modes are correlated as real ones are, and swapped
+    between the modes on a random half of the rows: the true difference is 0 for every metric).
+    Share of p < 0.05 (nominal 0.05; Monte Carlo SE about 0.003-0.004):
+
+    =====================  ================  ================  =====================
+    metric                 N=200 C=5, ~57%   N=60 C=4, ~62%    N=200 C=5, ~88% top-1
+                           B=1000, 5000 sims B=1000, 4000 sims B=1000, 4000 sims
+                           pct. / centred    pct. / centred    pct. / centred
+    =====================  ================  ================  =====================
+    top1                   0.048 / 0.050     0.043 / 0.043     0.044 / 0.050
+    top3                   0.045 / 0.046     0.043 / 0.019     0.028 / 0.009
+    f1_macro               0.054 / 0.053     0.059 / 0.055     0.056 / 0.052
+    precision_macro        0.050 / 0.050     0.055 / 0.052     0.057 / 0.056
+    recall_macro           0.054 / 0.054     0.057 / 0.054     0.056 / 0.054
+    auc_macro              0.051 / 0.049     0.053 / 0.048     0.057 / 0.041
+    balanced_accuracy      0.054 / 0.054     0.057 / 0.054     0.056 / 0.054
+    qwk                    0.051 / 0.051     0.074 / 0.066     0.059 / 0.049
+    McNemar (exact)        0.039             0.027             0.033
+    =====================  ================  ================  =====================
+
+    Over these and four more settings (N = 500 with imbalanced classes; N = 100 with 8 classes;
+    N = 150 imbalanced with two independent seeds of one mode instead of swapped rows; B = 200),
+    56 metric x setting cells in all: percentile inversion 0.028-0.074, RMS error 0.0084;
+    null-centred 0.009-0.070, RMS error 0.0094.  The two agree within Monte Carlo error on the
+    smooth metrics; the null-centred test collapses on top-3 (a difference made of a few
+    discordant rows, a lattice on which ``|d* - d| >= |d|`` is rarely reached) while percentile
+    inversion is at worst mildly liberal at small N.  Percentile inversion is kept: smaller
+    overall error, no collapse, and it is exactly the test that the reported percentile interval
+    of the difference implies.  McNemar's exact test is conservative (0.027-0.041).
+    ``tests/test_metrics_calibration.py`` re-measures the chosen construction through
+    :func:`evaluate_modes` on every test run (fewer simulations, B = 200).
+
+These are per-comparison p-values: many comparisons across datasets and backbones call for a
+multiplicity correction (``python -m common.report`` gives Holm-adjusted values).
+
+Rates are fractions in [0, 1]; kappa is in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.stats import binomtest
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    top_k_accuracy_score,
+)
+
+from common.errors import UserError
+from common.registers.modes import BASELINE, TTR
+
+logger = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = (
+    "top1",
+    "top3",
+    "f1_macro",
+    "precision_macro",
+    "recall_macro",
+    "auc_macro",
+    "balanced_accuracy",
+)
+# Every metric a spec can ask for, in report order, with the name a sentence uses.
+METRIC_LABELS: dict[str, str] = {
+    "top1": "top-1 accuracy",
+    "top3": "top-3 accuracy",
+    "f1_macro": "macro F1",
+    "precision_macro": "macro precision",
+    "recall_macro": "macro recall",
+    "auc_macro": "macro one-vs-rest AUC",
+    "balanced_accuracy": "balanced accuracy",
+    "qwk": "quadratic weighted kappa",
+    "manufacturer_top1": "manufacturer top-1",
+}
+TOP_K = 3
+ALPHA = 0.05  # the intervals are 95%; the verdicts test at 5%
+_TIE_TOL = 1e-12  # |difference| at or below this is a tie (floating-point noise)
+
+
+@dataclass
+class MetricSpec:
+    """Which metrics a dataset reports.
+
+    ``n_classes`` is ``C`` (the probability columns); ``qwk`` adds the quadratic weighted kappa
+    (APTOS grades: class index = grade); ``manufacturer_of_class`` (one name per class index)
+    adds ``manufacturer_top1`` (Pacemaker).
+    """
+
+    n_classes: int
+    qwk: bool = False
+    manufacturer_of_class: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_classes, bool) or not isinstance(self.n_classes, (int, np.integer)) or self.n_classes < 2:
+            raise UserError(f"n_classes={self.n_classes!r} must be an integer >= 2")
+        self.n_classes = int(self.n_classes)
+        if self.manufacturer_of_class is not None:
+            self.manufacturer_of_class = [str(m) for m in self.manufacturer_of_class]
+            if len(self.manufacturer_of_class) != self.n_classes:
+                raise UserError(
+                    f"manufacturer_of_class has {len(self.manufacturer_of_class)} entries for "
+                    f"{self.n_classes} classes; give one manufacturer per class index"
+                )
+
+    def names(self) -> list[str]:
+        """Metric column names in report order: METRICS, then qwk, then manufacturer_top1."""
+        names = list(METRICS)
+        if self.qwk:
+            names.append("qwk")
+        if self.manufacturer_of_class is not None:
+            names.append("manufacturer_top1")
+        return names
+
+    def manufacturer_codes(self) -> np.ndarray:
+        """Integer manufacturer id per class ``[C]`` (requires ``manufacturer_of_class``)."""
+        assert self.manufacturer_of_class is not None
+        _, codes = np.unique(np.asarray(self.manufacturer_of_class), return_inverse=True)
+        return codes.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_y(y_true, n_classes: int) -> np.ndarray:
+    y = np.asarray(y_true)
+    if y.ndim != 1 or y.shape[0] == 0:
+        raise UserError(f"true labels have shape {y.shape}; expected a non-empty 1-D integer array [N]")
+    if y.dtype.kind not in "iu":
+        if y.dtype.kind != "f" or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise UserError(f"true labels have dtype {y.dtype}; expected integer class indices")
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= n_classes:
+        bad = int(y[(y < 0) | (y >= n_classes)][0])
+        raise UserError(f"true label {bad} is outside [0, {n_classes}); labels must be class indices")
+    return y
+
+
+def _check_proba(proba, n_rows: int, n_classes: int, ndim: int, name: str = "probabilities") -> np.ndarray:
+    p = np.asarray(proba, dtype=np.float64)
+    expect = "[N, C]" if ndim == 2 else "[S, N, C]"
+    if p.ndim != ndim or p.shape[-1] != n_classes or p.shape[-2] != n_rows or p.shape[0] == 0:
+        raise UserError(
+            f"{name} have shape {p.shape}; expected {expect} with N={n_rows} test rows and C={n_classes} classes"
+        )
+    if not np.all(np.isfinite(p)):
+        raise UserError(f"{name} contain NaN or inf; the probe output is broken, re-run the probe")
+    return p
+
+
+# --------------------------------------------------------------------------- point metrics
+
+
+def _auc_classes(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Classes the macro AUC can use, ``[C]`` bool: at least one positive and one negative in ``y``."""
+    counts = np.bincount(y, minlength=n_classes)
+    return (counts > 0) & (counts < len(y))
+
+
+def _auc_ovr_present(y: np.ndarray, proba: np.ndarray) -> tuple[float, int]:
+    """Mean one-vs-rest ROC-AUC over classes with >= 1 positive and >= 1 negative in ``y``."""
+    classes = np.flatnonzero(_auc_classes(y, proba.shape[1]))
+    if classes.size == 0:
+        return math.nan, 0
+    aucs = [roc_auc_score(y == c, proba[:, c]) for c in classes]
+    return float(np.mean(aucs)), len(classes)
+
+
+def compute_metrics(y_true, proba, spec: MetricSpec) -> dict[str, float]:
+    """All metrics of ``spec`` for one probability matrix, via scikit-learn.
+
+    ``y_true`` int ``[N]``; ``proba`` ``[N, C]``; the prediction is ``argmax`` (lowest index on
+    ties).  Choices:
+
+    - macro F1/precision/recall use scikit-learn's default label set, the classes present in
+      ``y_true`` OR predicted, with ``zero_division=0`` (a class predicted but never true has
+      recall 0 and F1 0; a class true but never predicted has precision 0).  Classes neither
+      true nor predicted are left out rather than counted as 0.
+    - ``balanced_accuracy``: scikit-learn's, the mean recall over classes present in ``y_true``.
+    - ``top3``: ``top_k_accuracy_score(k=min(3, C), labels=range(C))``; with ``C <= 3`` every
+      true class is in the top k, so it is 1.0 (returned directly: scikit-learn rejects
+      2-column scores for two classes).
+    - ``auc_macro``: mean of the binary one-vs-rest ``roc_auc_score`` over classes with at
+      least one positive and one negative in ``y_true``; NaN if there is none.  The extra key
+      ``auc_classes`` (int, metadata) says how many classes were averaged.
+    - ``qwk``: ``cohen_kappa_score(weights="quadratic", labels=range(C))``: the weights use the
+      class index (grade) distance even when a grade is absent from the test split
+      (scikit-learn's default label set would re-index the present grades).  NaN when undefined.
+    - ``manufacturer_top1``: share of rows whose predicted class has the true class's manufacturer.
+    """
+    C = spec.n_classes
+    y = _check_y(y_true, C)
+    p = _check_proba(proba, len(y), C, 2)
+    pred = p.argmax(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.simplefilter("ignore", UserWarning)  # balanced_accuracy: "y_pred contains classes not in y_true"
+        out: dict[str, float] = {
+            "top1": float(accuracy_score(y, pred)),
+            "top3": 1.0 if C <= TOP_K else float(top_k_accuracy_score(y, p, k=TOP_K, labels=np.arange(C))),
+            "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
+            "precision_macro": float(precision_score(y, pred, average="macro", zero_division=0)),
+            "recall_macro": float(recall_score(y, pred, average="macro", zero_division=0)),
+        }
+        auc, n_auc = _auc_ovr_present(y, p)
+        out["auc_macro"] = auc
+        out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
+        if spec.qwk:
+            out["qwk"] = float(cohen_kappa_score(y, pred, labels=np.arange(C), weights="quadratic"))
+        if spec.manufacturer_of_class is not None:
+            man = spec.manufacturer_codes()
+            out["manufacturer_top1"] = float(np.mean(man[pred] == man[y]))
+    out["auc_classes"] = n_auc
+    return out
+
+
+def ensemble_predictions(proba_per_seed) -> np.ndarray:
+    """Seed ensemble: mean probability over seeds, ``[S, N, C] -> [N, C]``."""
+    p = np.asarray(proba_per_seed, dtype=np.float64)
+    if p.ndim != 3 or p.shape[0] == 0:
+        raise UserError(f"probabilities per seed have shape {p.shape}; expected [S, N, C] with S >= 1")
+    return p.mean(axis=0)
+
+
+# --------------------------------------------------------------------------- fast bootstrap
+
+
+def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap resamples as multiplicities ``W [B, N]`` (float64): ``W[b, i]`` = how often
+    test row ``i`` was drawn in resample ``b``.  Indices from ``numpy.random.default_rng(seed)``."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise UserError(f"n_boot={n_boot!r} must be an integer >= 1 (bootstrap resamples)")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def _weighted_auc(WT: np.ndarray, pos: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """One-vs-rest ROC-AUC per resample, ``[B]`` (NaN where positives or negatives vanish).
+
+    ``WT [N, B]`` holds the multiplicities (rows = test rows), ``pos [N]`` marks the class's
+    rows, ``score [N]`` its probability column.  Mann-Whitney with ties counted 1/2 (what
+    ``roc_auc_score``'s trapezoid gives), each row weighted by its multiplicity:
+    ``sum_{i pos, j neg} w_i w_j ([s_i > s_j] + [s_i = s_j]/2) / (W_pos W_neg)``.  Negatives
+    are sorted once; ``CN`` is their cumulative weight, and for each positive the negatives
+    below / tied are read off ``CN`` at its ``searchsorted`` bounds.  The weights are integer
+    counts, so every sum is exact in float64.
+    """
+    neg_idx = np.flatnonzero(~pos)
+    pos_idx = np.flatnonzero(pos)
+    order = np.argsort(score[neg_idx], kind="mergesort")
+    neg_sorted = score[neg_idx][order]
+    CN = np.zeros((len(neg_idx) + 1, WT.shape[1]))
+    np.cumsum(WT[neg_idx[order]], axis=0, out=CN[1:])
+    s_pos = score[pos_idx]
+    lo = np.searchsorted(neg_sorted, s_pos, side="left")
+    hi = np.searchsorted(neg_sorted, s_pos, side="right")
+    Wp = WT[pos_idx]  # [n_pos, B]
+    num = (Wp * (CN[lo] + CN[hi])).sum(axis=0) * 0.5
+    den = Wp.sum(axis=0) * CN[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _bootstrap_metrics(
+    y: np.ndarray, proba: np.ndarray, spec: MetricSpec, W: np.ndarray, names: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """Metrics of ``spec`` on each resample ``W [B, N]`` for one probability matrix ``proba [N, C]``.
+
+    Returns ``{metric: [B]}`` (all of ``spec.names()``, or just ``names``: AUC and QWK are
+    skipped when not asked for); with ``W`` all ones this equals :func:`compute_metrics` (tested).
+    """
+    wanted = set(spec.names() if names is None else names)
+    C = spec.n_classes
+    pred = proba.argmax(axis=1)
+    correct = (pred == y).astype(np.float64)
+    onehot_true = np.eye(C)[y]  # [N, C]
+    onehot_pred = np.eye(C)[pred]
+    true_n = W @ onehot_true  # [B, C] support per class
+    pred_n = W @ onehot_pred
+    tp = W @ (onehot_true * correct[:, None])
+    total = W.sum(axis=1)  # = n for a bootstrap resample
+    out: dict[str, np.ndarray] = {"top1": (W @ correct) / total}
+
+    if C <= TOP_K:
+        out["top3"] = np.ones(W.shape[0])
+    else:  # same ranking as sklearn's top_k_accuracy_score (stable sort, reversed)
+        topk = np.argsort(proba, axis=1, kind="mergesort")[:, ::-1][:, :TOP_K]
+        hits = (topk == y[:, None]).any(axis=1).astype(np.float64)
+        out["top3"] = (W @ hits) / total
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(pred_n > 0, tp / np.where(pred_n > 0, pred_n, 1.0), 0.0)
+        rec = np.where(true_n > 0, tp / np.where(true_n > 0, true_n, 1.0), 0.0)
+        denom = true_n + pred_n
+        f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1.0), 0.0)
+    in_labels = (true_n > 0) | (pred_n > 0)  # sklearn's default labels: true OR predicted
+    n_labels = in_labels.sum(axis=1)
+    out["f1_macro"] = (f1 * in_labels).sum(axis=1) / n_labels
+    out["precision_macro"] = (prec * in_labels).sum(axis=1) / n_labels
+    out["recall_macro"] = (rec * in_labels).sum(axis=1) / n_labels
+
+    if "auc_macro" in wanted:
+        aucs = np.full((W.shape[0], C), np.nan)
+        WT = np.ascontiguousarray(W.T)  # [N, B]: row gathers and cumsums run over contiguous rows
+        for c in np.flatnonzero(_auc_classes(y, C)):
+            aucs[:, c] = _weighted_auc(WT, y == c, proba[:, c])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows -> NaN
+            out["auc_macro"] = np.nanmean(aucs, axis=1)
+
+    present = true_n > 0
+    out["balanced_accuracy"] = (rec * present).sum(axis=1) / present.sum(axis=1)
+
+    if spec.qwk and "qwk" in wanted:
+        cm = (W @ np.eye(C * C)[y * C + pred]).reshape(-1, C, C)  # [B, true, pred]
+        grid = np.arange(C, dtype=np.float64)
+        wq = (grid[:, None] - grid[None, :]) ** 2
+        expected = true_n[:, :, None] * pred_n[:, None, :] / total[:, None, None]
+        num = (wq * cm).sum(axis=(1, 2))
+        den = (wq * expected).sum(axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["qwk"] = np.where(den > 0, 1.0 - num / np.where(den > 0, den, 1.0), np.nan)
+    if spec.manufacturer_of_class is not None:
+        man = spec.manufacturer_codes()
+        out["manufacturer_top1"] = (W @ (man[pred] == man[y]).astype(np.float64)) / total
+    return {m: v for m, v in out.items() if m in wanted}
+
+
+# --------------------------------------------------------------------------- intervals and tests
+
+
+def _order_rank(n: int, alpha: float = ALPHA) -> int:
+    """``j = #{k >= 0 : 2k/n < alpha}``: the interval's order statistic (1-based) for ``n`` values.
+
+    Written with the same floating-point expression as :func:`_bootstrap_p`'s ``2k/n`` so that
+    ``p < alpha`` and "the interval excludes 0" are one statement (module docstring)."""
+    k = np.arange(n + 1)
+    return int(min(n, max(1, np.count_nonzero(2.0 * k / n < alpha))))
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval ``(j-th smallest, j-th largest)`` of the finite ``values [B]``;
+    ``(nan, nan)`` when none is finite."""
+    v = np.sort(values[np.isfinite(values)])
+    if v.size == 0:
+        return math.nan, math.nan
+    j = _order_rank(v.size)
+    return float(v[j - 1]), float(v[v.size - j])
+
+
+def _bootstrap_p(diffs: np.ndarray) -> float:
+    """Two-sided paired-bootstrap p-value by percentile inversion over the finite ``diffs [B]``
+    (already tie-rounded): ``min(1, 2 min(#{d* <= 0}, #{d* >= 0}) / B)``; NaN when none."""
+    d = diffs[np.isfinite(diffs)]
+    if d.size == 0:
+        return math.nan
+    k = min(int(np.count_nonzero(d <= 0)), int(np.count_nonzero(d >= 0)))
+    return float(min(1.0, 2.0 * k / d.size))
+
+
+def _mcnemar(correct_base: np.ndarray, correct_mode: np.ndarray) -> tuple[int, int, float]:
+    """Exact McNemar on paired correctness ``[N]`` bools: ``(b, c, p)`` with ``b`` = baseline
+    right and mode wrong, ``c`` = the reverse, ``p`` two-sided binomial (1 when ``b + c = 0``)."""
+    b = int(np.count_nonzero(correct_base & ~correct_mode))
+    c = int(np.count_nonzero(~correct_base & correct_mode))
+    p = float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue) if b + c else 1.0
+    return b, c, p
+
+
+def _untie(x: np.ndarray) -> np.ndarray:
+    """Differences within :data:`_TIE_TOL` of 0 set to exactly 0 (equal metrics summed in another
+    order differ by ~1e-16 and must count as ties, not as an arbitrary side)."""
+    x = np.array(x, dtype=np.float64)
+    x[np.abs(x) <= _TIE_TOL] = 0.0
+    return x
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def metric_columns(spec: MetricSpec) -> list[str]:
+    """``metrics.csv`` column names for ``spec`` in order (docs/run.md): ``mode``; per metric
+    ``m, m_lo, m_hi, m_seed_sd``; ``auc_classes``; ``p_mcnemar_top1, mcnemar_b, mcnemar_c``;
+    per metric ``m_diff, m_diff_lo, m_diff_hi, p_m``."""
+    names = spec.names()
+    return (["mode"] + [f"{m}{s}" for m in names for s in ("", "_lo", "_hi", "_seed_sd")] + ["auc_classes"]
+            + ["p_mcnemar_top1", "mcnemar_b", "mcnemar_c"]
+            + [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}")])
+
+
+def evaluate_modes(
+    y_true,
+    proba_by_mode: dict[str, np.ndarray],
+    spec: MetricSpec,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    baseline: str = BASELINE,
+) -> pd.DataFrame:
+    """Score every mode on the test split and compare each with ``baseline``: the ``metrics.csv`` table.
+
+    ``y_true``: int ``[N]`` class indices.  ``proba_by_mode``: mode -> ``[S, N, C]`` test
+    probabilities per probe seed (``S`` may differ between modes, ``S = 1`` for a fixed saved
+    probe); it must contain ``baseline``.  Each mode is scored on its seed ensemble
+    (``[N, C]``, module docstring), all on the same ``n_boot`` resamples.
+
+    Returns one row per mode in the dict's order, columns :func:`metric_columns`:
+
+    - ``m``: metric ``m`` of the ensemble on the full test split; ``m_lo``/``m_hi``: its 95%
+      percentile bootstrap interval; ``m_seed_sd``: sd over seeds of the per-seed metric
+      (``ddof=1``; 0 for ``S = 1``);
+    - ``auc_classes``: classes ``auc_macro`` averages over (those with a positive and a
+      negative in the test split);
+    - on every row but the baseline's (NaN there): ``p_mcnemar_top1``, ``mcnemar_b``,
+      ``mcnemar_c`` (exact McNemar on top-1 correctness) and per metric ``m_diff`` (mode -
+      baseline), ``m_diff_lo``/``m_diff_hi`` (95% paired-bootstrap interval) and ``p_m``
+      (two-sided paired-bootstrap p-value, percentile inversion).
+
+    Raises :class:`UserError` for bad labels, shapes, NaN probabilities, a missing baseline or a
+    bad ``n_boot``.
+    """
+    C = spec.n_classes
+    y = _check_y(y_true, C)
+    n = len(y)
+    if not proba_by_mode:
+        raise UserError("no modes to score; give at least the baseline's probabilities")
+    if baseline not in proba_by_mode:
+        raise UserError(f"baseline mode {baseline!r} is missing; modes given: {', '.join(map(str, proba_by_mode))}")
+    probas = {mode: _check_proba(p, n, C, 3, f"{mode} probabilities per seed") for mode, p in proba_by_mode.items()}
+    names = spec.names()
+    # Row 0 is the full test set, rows 1.. the shared resamples: one code path for both.
+    W = np.vstack([np.ones((1, n)), _resample_weights(n, n_boot, seed)])
+    ones = W[:1]
+
+    values: dict[str, dict[str, np.ndarray]] = {}
+    correct: dict[str, np.ndarray] = {}
+    rows: dict[str, dict] = {}
+    for mode, P in probas.items():
+        ensemble = ensemble_predictions(P)
+        values[mode] = _bootstrap_metrics(y, ensemble, spec, W)
+        correct[mode] = ensemble.argmax(axis=1) == y
+        per_seed = [_bootstrap_metrics(y, P[s], spec, ones) for s in range(P.shape[0])] if P.shape[0] > 1 else []
+        row: dict = {"mode": mode}
+        for m in names:
+            boot = values[mode][m][1:]
+            row[m] = float(values[mode][m][0])
+            row[f"{m}_lo"], row[f"{m}_hi"] = _interval(boot)
+            row[f"{m}_seed_sd"] = float(np.std([d[m][0] for d in per_seed], ddof=1)) if per_seed else 0.0
+            skipped = int(np.count_nonzero(~np.isfinite(boot)))
+            if skipped:
+                logger.info("%s %s: %d of %d bootstrap resamples undefined, skipped", mode, m, skipped, n_boot)
+        row["auc_classes"] = int(np.count_nonzero(_auc_classes(y, C)))
+        rows[mode] = row
+
+    for mode in probas:
+        row = rows[mode]
+        if mode == baseline:
+            row.update({"p_mcnemar_top1": math.nan, "mcnemar_b": math.nan, "mcnemar_c": math.nan})
+        else:
+            row["mcnemar_b"], row["mcnemar_c"], row["p_mcnemar_top1"] = _mcnemar(correct[baseline], correct[mode])
+        for m in names:
+            if mode == baseline:
+                row.update({f"{m}_diff": math.nan, f"{m}_diff_lo": math.nan, f"{m}_diff_hi": math.nan,
+                            f"p_{m}": math.nan})
+                continue
+            d = _untie(values[mode][m] - values[baseline][m])
+            row[f"{m}_diff"] = float(d[0])
+            if math.isnan(d[0]):  # undefined on the full test split: nothing to test
+                row[f"{m}_diff_lo"] = row[f"{m}_diff_hi"] = row[f"p_{m}"] = math.nan
+            else:
+                row[f"{m}_diff_lo"], row[f"{m}_diff_hi"] = _interval(d[1:])
+                row[f"p_{m}"] = _bootstrap_p(d[1:])
+    return pd.DataFrame([rows[mode] for mode in probas], columns=metric_columns(spec))
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def verdicts(table: pd.DataFrame, *, mode: str = TTR, baseline: str = BASELINE, alpha: float = ALPHA) -> list[str]:
+    """One plain-English sentence per headline metric of ``table`` (an :func:`evaluate_modes`
+    table): is ``mode`` better, worse, or not detectably different from ``baseline``?
+
+    ``baseline`` names the baseline the table was computed against (its row carries no
+    differences).  The decision is ``p_m < alpha`` (paired bootstrap) and the sign of
+    ``m_diff``; the sentence quotes the difference, its 95% interval and ``p``.  At the default ``alpha = 0.05`` the
+    decision agrees exactly with the interval (``p < 0.05`` if and only if the 95% interval
+    excludes 0, module docstring); at another ``alpha`` the quoted interval is still the 95% one.
+    Every metric, top-1 included, is decided by its paired bootstrap (McNemar's exact p-value and
+    counts are in the table for the caller to quote beside it).  A metric whose difference is
+    undefined (e.g. no class usable for AUC) says so.
+    """
+    modes = list(table["mode"]) if "mode" in table.columns else []
+    for wanted in (mode, baseline):
+        if wanted not in modes:
+            raise UserError(f"no row for mode {wanted!r} in the metrics table; rows: {', '.join(map(str, modes))}")
+    # the differences on every row are against the baseline evaluate_modes used: its row has none
+    base_diffs = table.loc[table["mode"] == baseline, [c for c in table.columns if c.endswith("_diff")]]
+    if base_diffs.notna().to_numpy().any():
+        raise UserError(f"{baseline!r} is not the baseline this metrics table was computed against")
+    row = table.loc[table["mode"] == mode].iloc[0]
+    level = f"{alpha * 100:g}%"
+    in_table = [c[: -len("_diff")] for c in table.columns if c.endswith("_diff")]
+    present = [m for m in METRIC_LABELS if m in in_table] + sorted(set(in_table) - set(METRIC_LABELS))
+    sentences = []
+    for m in present:
+        label = METRIC_LABELS.get(m, m)
+        label = label[0].upper() + label[1:]
+        d, lo, hi, p = (float(row.get(f"{m}_diff", math.nan)), float(row.get(f"{m}_diff_lo", math.nan)),
+                        float(row.get(f"{m}_diff_hi", math.nan)), float(row.get(f"p_{m}", math.nan)))
+        if math.isnan(d) or math.isnan(p):
+            sentences.append(f"{label}: not testable on this test split (the metric is undefined for "
+                             f"{mode} or {baseline}).")
+            continue
+        ci = f"95% CI {_signed(lo)} to {_signed(hi)}"
+        # p = 0: no resample reached 0; the resolution is 2/B, so no smaller number is claimed
+        boot = "paired bootstrap p ≈ 0, no resample reached 0" if p == 0 else f"paired bootstrap {_p_text(p)}"
+        # direction from d; a significant d of exactly 0 (possible only for odd non-linear
+        # metrics) takes the side of its interval
+        side = np.sign(d) or np.sign(lo + hi)
+        if p < alpha and side > 0:
+            text = f"{mode} is better than {baseline} by {_signed(d)} ({ci}, {boot})."
+        elif p < alpha and side < 0:
+            text = f"{mode} is worse than {baseline} by {-d:.3f} (difference {_signed(d)}, {ci}, {boot})."
+        else:
+            text = (f"no detectable difference between {mode} and {baseline} at the {level} level "
+                    f"(difference {_signed(d)}, {ci}, {boot}).")
+        sentences.append(f"{label}: {text}")
+    return sentences

@@ -1,0 +1,366 @@
+"""One table over many runs: ``python -m common.report RUN_DIR... --out DIR``.
+
+Reads each run's ``config.json``, ``metrics.csv`` (docs/run.md columns, :func:`common.evaluation.metrics.evaluate_modes`)
+and, when present, ``outliers.csv``, and writes
+
+* ``DIR/report.csv``: one row per (run, mode) with dataset, backbone, mode, every metric of the
+  mode's seed ensemble with its 95% interval and seed spread (``m``, ``m_lo``, ``m_hi``,
+  ``m_seed_sd``), ``auc_classes``; the paired comparison with the baseline as the run recorded
+  it (``m_diff``, ``m_diff_lo``, ``m_diff_hi``, ``p_m`` per metric; ``p_mcnemar_top1``,
+  ``mcnemar_b``, ``mcnemar_c``) and, on the ttr rows, each p-value Holm-adjusted across the runs
+  (``p_m_holm``, ``p_mcnemar_top1_holm``); the outlier statistics;
+* ``DIR/report.md``: the metrics per run and mode; the ttr - no-ttr difference per run and
+  metric with its interval, p-value and Holm-adjusted p-value; McNemar per run; the outlier
+  statistics;
+* ``DIR/report.png``: the ttr - no-ttr differences with their 95% paired-bootstrap intervals,
+  one panel per metric, one line per run (filled marker: Holm-adjusted p < 0.05).
+
+Multiplicity: each run's p-values test its own ttr-vs-no-ttr hypothesis; over many runs some
+fall below 0.05 by chance.  The Holm (1979) step-down adjustment controls the family-wise error
+rate; the **family is the runs given, separately for each test** (the paired bootstrap of each
+metric is one family, McNemar on top-1 another): with the family's m p-values sorted
+ascending, ``p_holm_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.  A run without that p-value
+(NaN, e.g. no QWK on a non-APTOS run) is left out of that family.
+
+Rows other than ``no-ttr`` and ``ttr`` (``no-ttr (course probe)``, ``ttr (course probe)``,
+``no-ttr-removed``, ...) are **listed**, after the run's no-ttr and ttr rows, in report.csv and
+the metrics table, with whatever comparison their run recorded; they are outside the Holm
+families and the difference tables, which hold the one ttr-vs-no-ttr question per run.
+
+Exit codes: 0 done; 2 a RUN_DIR that is not a finished run (one line naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.errors import UserError, run_entry
+from common.evaluation.metrics import METRIC_LABELS
+from common.io import save_figure, write_csv, write_text
+from common.registers.modes import BASELINE, MODES, TTR
+
+log = logging.getLogger(__name__)
+
+MCNEMAR = "p_mcnemar_top1"
+OUTLIER_STATS = ("patch_share_above_threshold", "mean_max_patch_norm", "register_norm",
+                 "cls_attention_entropy", "cls_attention_on_register")
+ALPHA = 0.05
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm-adjusted p-values (NaN stays NaN and is not counted in the family)."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    m = len(valid)
+    if m == 0:
+        return adjusted
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+# --------------------------------------------------------------------------------------------
+# reading runs
+
+
+def _backbone_label(info: dict) -> str:
+    """The backbone of a run as config.json records it: family, architecture and weights name."""
+    model = info.get("model") or "?"
+    if info.get("demo"):
+        return f"{model} (planted demo)"
+    identity = info.get("model_identity") or {}
+    if identity.get("architecture"):
+        return " ".join(str(part) for part in (model, identity["architecture"], identity.get("weights")) if part)
+    return str(info.get("backbone") or model)
+
+
+def read_run(folder: str | Path) -> dict:
+    """``{"folder", "info" (config.json), "metrics" (DataFrame by mode), "outliers" (DataFrame | None)}``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder; pass run folders written by test_<dataset>.py")
+    for name in ("config.json", "metrics.csv"):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: no {name} (not a finished run); pass run folders written by "
+                            "test_<dataset>.py")
+    try:
+        info = json.loads((folder / "config.json").read_text())
+        metrics = pd.read_csv(folder / "metrics.csv")
+    except (OSError, ValueError) as error:
+        raise UserError(f"{folder}: config.json or metrics.csv cannot be read ({error})") from None
+    if "mode" not in metrics.columns or not set(MODES) <= set(metrics["mode"]):
+        raise UserError(f"{folder / 'metrics.csv'}: needs rows for modes {', '.join(MODES)}")
+    if metrics["mode"].duplicated().any():
+        raise UserError(f"{folder / 'metrics.csv'}: mode {metrics['mode'][metrics['mode'].duplicated()].iloc[0]!r} "
+                        "appears twice; one row per mode")
+    if "top1_diff" not in metrics.columns:
+        log.warning("%s has no paired differences (written before they existed); its differences and "
+                    "p-values are left empty", folder / "metrics.csv")
+    outliers = None
+    if (folder / "outliers.csv").is_file():
+        try:
+            outliers = pd.read_csv(folder / "outliers.csv")
+        except (OSError, ValueError) as error:
+            raise UserError(f"{folder / 'outliers.csv'}: cannot be read ({error})") from None
+    return {"folder": folder, "info": info, "metrics": metrics.set_index("mode"),
+            "outliers": outliers.set_index("mode") if outliers is not None and "mode" in outliers else None}
+
+
+def _run_labels(folders: list[Path]) -> list[str]:
+    """The folder names, with parents added where two names clash."""
+    labels = [f.name for f in folders]
+    for depth in range(2, 6):
+        if len(set(labels)) == len(labels):
+            break
+        labels = ["/".join(f.resolve().parts[-depth:]) for f in folders]
+    return labels
+
+
+def _metric_names(runs: list[dict]) -> list[str]:
+    """Metrics any run reports (a column ``m`` with ``m_lo`` and ``m_hi``), in report order."""
+    present = set()
+    for run in runs:
+        columns = run["metrics"].columns
+        present |= {c for c in columns
+                    if f"{c}_lo" in columns and f"{c}_hi" in columns and not c.endswith("_diff")}
+    return [m for m in METRIC_LABELS if m in present] + sorted(present - set(METRIC_LABELS))
+
+
+def _modes_in_order(metrics: pd.DataFrame) -> list[str]:
+    return [*MODES, *(mode for mode in metrics.index if mode not in MODES)]
+
+
+def _value(metrics: pd.DataFrame, mode: str, column: str) -> float:
+    value = metrics.loc[mode].get(column, math.nan)
+    return math.nan if value is None or pd.isna(value) else float(value)
+
+
+def build_table(runs: list[dict]) -> pd.DataFrame:
+    """The report table: one row per (run, mode); Holm columns over the runs' ttr rows."""
+    labels = _run_labels([r["folder"] for r in runs])
+    names = _metric_names(runs)
+    per_mode = [f"{m}{s}" for m in names for s in ("", "_lo", "_hi", "_seed_sd")] + ["auc_classes"]
+    paired = [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}")]
+    paired += [MCNEMAR, "mcnemar_b", "mcnemar_c"]
+    rows = []
+    for label, run in zip(labels, runs):
+        info, metrics, outliers = run["info"], run["metrics"], run["outliers"]
+        for mode in _modes_in_order(metrics):
+            row: dict = {"run": label, "dataset": info.get("dataset", "?"), "backbone": _backbone_label(info),
+                         "demo": bool(info.get("demo", False)), "mode": mode}
+            row.update({column: _value(metrics, mode, column) for column in per_mode + paired})
+            for key in OUTLIER_STATS:
+                row[key] = (_value(outliers, mode, key)
+                            if outliers is not None and mode in outliers.index else math.nan)
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    ttr = table["mode"] == TTR
+    tests = [f"p_{m}" for m in names] + [MCNEMAR]
+    for key in tests:
+        table[f"{key}_holm"] = math.nan
+        table.loc[ttr, f"{key}_holm"] = holm(table.loc[ttr, key].to_numpy())
+    ordered = (["run", "dataset", "backbone", "demo", "mode"] + per_mode
+               + [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}", f"p_{m}_holm")]
+               + [MCNEMAR, f"{MCNEMAR}_holm", "mcnemar_b", "mcnemar_c"] + list(OUTLIER_STATS))
+    return table[ordered]
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _f(value: float, digits: int = 3) -> str:
+    return "–" if _missing(value) else f"{value:.{digits}f}"
+
+
+def _signed(value: float) -> str:
+    return "–" if _missing(value) else f"{value:+.3f}"
+
+
+def _p(value: float) -> str:
+    if _missing(value):
+        return "–"
+    if value == 0:
+        return "0 (< 2/B)"  # no resample reached 0; the bootstrap p-value's resolution is 2/B
+    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+def _names(table: pd.DataFrame) -> list[str]:
+    return [c[: -len("_seed_sd")] for c in table.columns if c.endswith("_seed_sd")]
+
+
+def markdown(table: pd.DataFrame) -> str:
+    names = _names(table)
+    runs = table["run"].nunique()
+    lines = ["# Test-time registers: no-ttr vs ttr over runs", ""]
+    if table["demo"].any():
+        demo_runs = sorted(set(table.loc[table["demo"], "run"]))
+        lines += [f"> **{len(demo_runs)} of {runs} run(s) are demos on synthetic data with a planted model** "
+                  f"({', '.join(demo_runs)}); their numbers say nothing about real images.", ""]
+
+    lines += ["## Metrics per run and mode", "",
+              "Each mode's prediction is its probe seeds' ensemble (mean probability); value [95% percentile "
+              "bootstrap interval over test images], then the standard deviation of the per-seed values.", "",
+              "| run | dataset | backbone | mode | " + " | ".join(METRIC_LABELS.get(m, m) for m in names) + " |",
+              "|---|---|---|---|" + "---|" * len(names)]
+    for _, row in table.iterrows():
+        cells = ["–" if _missing(row[m]) else
+                 f"{_f(row[m])} [{_f(row[m + '_lo'])}, {_f(row[m + '_hi'])}] sd {_f(row[m + '_seed_sd'])}"
+                 for m in names]
+        lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {row['mode']} | "
+                     + " | ".join(cells) + " |")
+    others = sorted(set(table["mode"]) - set(MODES))
+    if others:
+        lines += ["", f"Rows other than {BASELINE} and {TTR} are listed above and in report.csv (with the "
+                  "comparison their run recorded) but are not part of the tables below or of the Holm families: "
+                  + ", ".join(f"`{mode}`" for mode in others) + "."]
+
+    ttr = table[table["mode"] == TTR]
+    lines += ["", f"## {TTR} minus {BASELINE} per run (paired on the same test images)", "",
+              "Difference of the ensembles' metric with its 95% paired-bootstrap interval (the same resamples "
+              "for both modes), the two-sided paired-bootstrap p-value, and that p-value Holm-adjusted across "
+              f"the {runs} run(s).", "",
+              "| run | dataset | backbone | metric | difference [95% CI] | p | p Holm |",
+              "|---|---|---|---|---|---|---|"]
+    for _, row in ttr.iterrows():
+        for m in names:
+            if _missing(row[f"{m}_diff"]):
+                continue
+            lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {METRIC_LABELS.get(m, m)} | "
+                         f"{_signed(row[f'{m}_diff'])} [{_signed(row[f'{m}_diff_lo'])}, "
+                         f"{_signed(row[f'{m}_diff_hi'])}] | {_p(row[f'p_{m}'])} | {_p(row[f'p_{m}_holm'])} |")
+    lines += ["", "## Exact McNemar test on top-1 correctness", "",
+              f"| run | dataset | backbone | only {TTR} right | only {BASELINE} right | p | p Holm |",
+              "|---|---|---|---|---|---|---|"]
+    for _, row in ttr.iterrows():
+        counts = ["–" if _missing(row[k]) else str(int(row[k])) for k in ("mcnemar_c", "mcnemar_b")]
+        lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {counts[0]} | {counts[1]} | "
+                     f"{_p(row[MCNEMAR])} | {_p(row[MCNEMAR + '_holm'])} |")
+    lines += ["",
+              f"**Multiplicity.** Each p-value tests one run's {TTR}-vs-{BASELINE} hypothesis; with {runs} run(s) and "
+              f"up to {len(names) + 1} tests per run, some p-values fall below 0.05 by chance. \"p Holm\" is the Holm "
+              "step-down adjustment, which controls the family-wise error rate; the family is all runs given here, "
+              "separately for each test (the paired bootstrap of each metric is one family, McNemar another). "
+              "A run without that p-value is left out of the family. Read a difference as established across runs "
+              "only where its Holm-adjusted p is below 0.05. A bootstrap p shown as 0 means no resample of the "
+              "difference reached 0 (p < 2/B for B resamples)."]
+
+    if table[list(OUTLIER_STATS)].notna().any().any():
+        lines += ["", "## Outlier tokens (outliers.csv)", "",
+                  "| run | mode | patches above threshold | mean max patch norm | register norm | "
+                  "CLS attention entropy | CLS attention on register |",
+                  "|---|---|---|---|---|---|---|"]
+        for _, row in table[table[list(OUTLIER_STATS)].notna().any(axis=1)].iterrows():
+            share = row["patch_share_above_threshold"]
+            lines.append(f"| {row['run']} | {row['mode']} | {'–' if _missing(share) else _f(share * 100, 2) + '%'}"
+                         f" | {_f(row['mean_max_patch_norm'], 1)} | {_f(row['register_norm'], 1)}"
+                         f" | {_f(row['cls_attention_entropy'])} | {_f(row['cls_attention_on_register'])} |")
+    lines += ["", f"![{TTR} minus {BASELINE} per run and metric, 95% paired-bootstrap intervals](report.png)", ""]
+    return "\n".join(lines)
+
+
+def _run_axis_labels(ttr: pd.DataFrame) -> list[str]:
+    """Dataset and backbone per run (the run folder too where two runs share both)."""
+    pairs = list(zip(ttr["dataset"], ttr["backbone"]))
+    return ["\n".join([f"{dataset} · {backbone}" if len(backbone) <= 24 else dataset,
+                       *([] if len(backbone) <= 24 else textwrap.wrap(backbone, 24)),
+                       *([run] if pairs.count((dataset, backbone)) > 1 else [])])
+            for run, dataset, backbone in zip(ttr["run"], ttr["dataset"], ttr["backbone"])]
+
+
+def figure(table: pd.DataFrame):
+    """Forest plot: per metric one panel, per run the ttr - no-ttr difference with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ttr = table[table["mode"] == TTR].reset_index(drop=True)
+    names = [m for m in _names(table) if ttr[f"{m}_diff"].notna().any()] or ["top1"]
+    columns = min(3, len(names))
+    grid_rows = math.ceil(len(names) / columns)
+    labels = _run_axis_labels(ttr)
+    lines_per_run = max(label.count("\n") + 1 for label in labels)
+    panel_height = 0.9 + (0.28 + 0.17 * lines_per_run) * len(ttr)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.6 * columns + 1.6, panel_height * grid_rows + 1.0),
+                             squeeze=False, sharey=True)
+    y = np.arange(len(ttr))[::-1]  # first run on top
+    for ax, m in zip(axes.flat, names):
+        diff = ttr[f"{m}_diff"].to_numpy(float)
+        lo, hi = ttr[f"{m}_diff_lo"].to_numpy(float), ttr[f"{m}_diff_hi"].to_numpy(float)
+        p_holm = ttr[f"p_{m}_holm"].to_numpy(float)
+        ax.axvline(0.0, color="0.4", lw=1.0, zorder=1)
+        finite = np.isfinite(diff)
+        ax.errorbar(diff[finite], y[finite], xerr=np.clip(np.vstack([diff - lo, hi - diff])[:, finite], 0, None),
+                    fmt="none", ecolor="tab:blue", elinewidth=1.6, capsize=4, zorder=2)
+        significant = finite & (p_holm < ALPHA)
+        ax.scatter(diff[significant], y[significant], s=42, color="tab:blue", zorder=3,
+                   label="Holm-adjusted p < 0.05")
+        ax.scatter(diff[finite & ~significant], y[finite & ~significant], s=42, facecolor="white",
+                   edgecolor="tab:blue", linewidth=1.5, zorder=3, label="Holm-adjusted p ≥ 0.05")
+        span = np.nanmax(np.abs(np.r_[lo[finite], hi[finite], 0.01])) if finite.any() else 0.05
+        ax.set_xlim(-1.15 * span, 1.15 * span)
+        for k in np.flatnonzero(~finite):
+            ax.text(0.0, y[k], "not reported", ha="center", va="center", fontsize=9, color="0.35", zorder=4,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5})
+        ax.set_title(METRIC_LABELS.get(m, m), fontsize=11)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=9)
+        ax.set_xlabel(f"{TTR} − {BASELINE}", fontsize=9)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_yticks(y, labels, fontsize=9)
+    axes[0, 0].set_ylim(-0.6, len(ttr) - 0.4)
+    handles, names_ = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names_, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.suptitle(f"{TTR} minus {BASELINE} per run: difference of the seed ensembles with its 95% "
+                 f"paired-bootstrap interval\n(filled: Holm-adjusted p < 0.05 across the {len(ttr)} run(s), "
+                 "each metric separately)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:
+    """Read the runs, write ``report.csv``, ``report.md`` and ``report.png`` under ``out``."""
+    if not run_dirs:
+        raise UserError("give at least one RUN_DIR")
+    runs = [read_run(folder) for folder in run_dirs]
+    table = build_table(runs)
+    out = Path(out)
+    write_csv(out / "report.csv", table)
+    write_text(out / "report.md", markdown(table))
+    save_figure(figure(table), out / "report.png", dpi=110, bbox_inches="tight", facecolor="white")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m common.report",
+        description="Aggregate finished runs into one table (report.csv, report.md) and one figure (report.png).")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run output folders (with metrics.csv)")
+    parser.add_argument("--out", required=True, help="folder for report.csv, report.md and report.png")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        write_report(args.run_dirs, args.out)
+        print(f"report: {Path(args.out) / 'report.md'}")  # the command's result, on stdout like the CLI's
+        return 0
+
+    return run_entry(body, interrupted="nothing was written; run the same command again")
