@@ -9,7 +9,6 @@ yaml files use ``top_k`` 10 for CLIP and ``highest_layer`` 17 for DINOv2; we kee
 
 # Keys every model config accepts, with their defaults (docs/configuration.md).
 COMMON_DEFAULTS = {
-    "device": "auto",             # "auto" = cuda, then mps, then cpu; an unavailable explicit device is an error
     "num_registers": 1,           # test-time register tokens appended in ttr mode (R >= 1)
     "scale": 1.0,                 # register positions get scale * signed max
     "normal_values": "zero",      # zero | mean | only_outliers | same  (what patch positions get, docs/intervention.md)
@@ -20,7 +19,7 @@ COMMON_DEFAULTS = {
 CLIP = {
     "model_name": "ViT-B-16",
     "pretrained": "laion2b_s34b_b88k",
-    "device": "auto",
+    "device": "auto",             # "auto" = cuda, then mps, then cpu; an unavailable explicit device is an error
     "highest_layer": 5,
     "detect_outliers_layer": -1,
     "register_norm_threshold": 30,
@@ -28,7 +27,7 @@ CLIP = {
     # The checkpoint was trained with GELU (open_clip's default for this tag).  True forces
     # QuickGELU, the reference repository's setting (its threshold 30 was tuned that way).
     "force_quick_gelu": False,
-    **{k: v for k, v in COMMON_DEFAULTS.items() if k != "device"},
+    **COMMON_DEFAULTS,
 }
 
 DINOV2 = {
@@ -38,7 +37,7 @@ DINOV2 = {
     "register_norm_threshold": 150,
     "highest_layer": 19,
     "top_k": 50,
-    **{k: v for k, v in COMMON_DEFAULTS.items() if k != "device"},
+    **COMMON_DEFAULTS,
 }
 
 # DINOv3 (timm's Eva with RoPE and 4 trained registers).  Nobody has measured its register norms on
@@ -51,7 +50,7 @@ DINOV3 = {
     "register_norm_threshold": "auto",
     "highest_layer": 19,
     "top_k": 50,
-    **{k: v for k, v in COMMON_DEFAULTS.items() if k != "device"},
+    **COMMON_DEFAULTS,
 }
 
 MODEL_CONFIGS = {"clip": CLIP, "dinov2": DINOV2, "dinov3": DINOV3}

@@ -12,7 +12,7 @@ Everything shared lives in common/; this file holds only what is particular to O
 import sys
 
 from common.app.cli import main
-from common.app.options import DatasetSpec
+from common.app.settings import DatasetSpec
 
 DATASET = DatasetSpec(name="orthonet", title="OrthoNet")
 

@@ -87,7 +87,7 @@ def real_size_files(folder: Path, per_kind: int, seed: int = 0) -> list[str]:
 def decodes(workdir: Path) -> dict:
     """A whole demo run, then the same with other ttr settings: decodes per image from config.json."""
     from common.app.cli import main
-    from common.app.options import DatasetSpec
+    from common.app.settings import DatasetSpec
     from common.demo.synthetic import make_synthetic
 
     spec = DatasetSpec("aptos", "APTOS 2019", qwk=True)

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import configs
-from common.app.options import DatasetSpec, RunOptions
+from common.app.settings import DatasetSpec, RunOptions
 from common.errors import UserError, run_entry
 
 log = logging.getLogger("common")
 
-MODELS = tuple(configs.MODEL_CONFIGS)      # one per backbone family (common/families/)
+MODELS = tuple(configs.MODEL_CONFIGS)      # one per backbone family (common/models/families.py)
 # config keys that choose or build a real model: the planted demo model has none of them
 DEMO_IGNORED_KEYS = ("backbone_size", "model_name", "pretrained", "force_quick_gelu")
 
@@ -89,18 +89,14 @@ def _safe_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def resolve_config(args: argparse.Namespace, defaults: dict | None = None) -> dict:
-    """The validated config dict: the model's dict (or the run defaults alone), ``defaults``
-    (the demo's), ``--set`` overrides, then the dedicated flags."""
-    from common.app.settings import apply_overrides, base_config, validate
+def resolve_config(args: argparse.Namespace, demo: bool = False, **flags) -> dict:
+    """The validated config dict (:func:`common.app.settings.resolve_config`): ``--set`` overrides,
+    then the dedicated flags (and ``flags``), over the demo's defaults (``demo``)."""
+    from common.app.settings import resolve_config as resolve
 
-    config = {**base_config(args.model), **(defaults or {})}
-    config = apply_overrides(config, args.set)
-    for flag in ("device", "detect_images", "batch_size", "num_workers", "seed"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            config[flag] = value
-    return validate(config, args.model)
+    given = {flag: getattr(args, flag, None) for flag in ("device", "detect_images", "batch_size", "num_workers",
+                                                         "seed")}
+    return resolve(args.model, args.set, {**given, **flags}, demo=demo)
 
 
 def _default_out(spec: DatasetSpec, what: str) -> Path:
@@ -152,21 +148,14 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
         parser.error("--image_path is required (or --manifest FILE, or --demo to try the tool)")
     if args.demo and (args.weights or args.neurons == "paper"):
         raise UserError("--demo runs the planted model: --weights and --neurons paper do not apply to it")
-    building = [item.split("=", 1)[0].strip() for item in args.set
-                if item.split("=", 1)[0].strip() in DEMO_IGNORED_KEYS]
-    if args.demo and building:
-        raise UserError(f"--demo runs the planted model: --set {building[0]} does not apply to it (it would only be "
-                        "recorded); leave it out, or run a real model without --demo")
-    demo_defaults = None
     if args.demo:
-        from common.demo.demo import demo_defaults as defaults_of
+        from common.app.settings import set_keys
 
-        demo_defaults = defaults_of(args.model)
-    config = resolve_config(args, demo_defaults)
-    if args.zero_shot:
-        config["zero_shot"] = True
-    if config["zero_shot"] and not get_family(args.model).supports_zero_shot:
-        raise UserError(f"--zero_shot needs a backbone with a text tower (clip); {args.model} has none")
+        building = [pair.key for pair in set_keys(args.set) if pair.key in DEMO_IGNORED_KEYS]
+        if building:
+            raise UserError(f"--demo runs the planted model: --set {building[0]} does not apply to it (it would only "
+                            "be recorded); leave it out, or run a real model without --demo")
+    config = resolve_config(args, demo=args.demo, zero_shot=args.zero_shot or None)
     out = Path(args.out) if args.out else _default_out(spec, args.model if not args.demo else f"demo_{args.model}")
     planted = None
     if args.demo:

@@ -1,9 +1,21 @@
-"""The resolved config of a run: model dict + run defaults + ``--set KEY=VALUE`` overrides.
+"""What a run is asked to do, in one place (docs/configuration.md).
 
-Every value is checked here before any model work, so a typo stops the run at once with a line
-that names the key, its value and the valid choices or range, instead of an hour later:
-:func:`validate` checks types and choices, :func:`validate_for_model` the layer indices against
-the configured model's depth (known without loading weights).
+* :class:`DatasetSpec`: what is particular to one dataset's entry script;
+* :class:`RunOptions`: the command-line options besides the config dict;
+* the config dict: the model's dict of ``configs.py`` merged with the run defaults, the demo's
+  defaults, ``--set KEY=VALUE`` overrides and the dedicated flags (:func:`resolve_config`);
+* :func:`parse_key_values`: the one ``KEY=VALUE`` parser (``--set``, and the study's ``--data``,
+  ``--axes``, ``--weights``).
+
+Every config value is typed and checked here, where it enters, before any model work: a typo
+stops the run at once with a line that names the key, its value and the valid choices or range,
+instead of an hour later.  :func:`validate` checks types, ranges and choices, and
+:func:`validate_for_model` the layer indices against the configured model's depth (known
+without loading weights).  The rest of the tool trusts the config it is handed.
+
+The entry scripts import this module before argparse runs, so it stays free of torch: the lists
+of valid words come from the modules that define them, imported when a config is checked
+(:func:`choices`), and a usage error is answered at once.
 """
 
 from __future__ import annotations
@@ -12,30 +24,91 @@ import ast
 import copy
 import math
 import os
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import configs
 from common.errors import UserError
-from common.models.backbone import PRECISIONS
-from common.models.families import ModelIdentity, get_family
-from common.registers.features import FEATURES
-from common.registers.intervention import INTERVENTION_MAX, NORMAL_VALUES
 from common.registers.modes import EXTRA_MODES
 
-# Keys that take a positive number or the word "auto".
-NUMBER_OR_AUTO_KEYS = {"register_norm_threshold"}
-# Keys that take a non-negative integer or the word "auto".
-COUNT_OR_AUTO_KEYS = {"num_workers"}
-# Keys that take one of a few words: the lists their own modules define.
-CHOICES = {
-    "normal_values": NORMAL_VALUES,
-    "feature": FEATURES,
-    "intervention_max": INTERVENTION_MAX,
-    "precision": PRECISIONS,
-}
+if TYPE_CHECKING:
+    from common.models.family import ModelIdentity
 
 
-def _parse_value(text: str) -> Any:
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What is particular to one dataset's entry script."""
+
+    name: str                      # loader name: pacemaker | orthonet | aptos
+    title: str                     # for humans
+    qwk: bool = False              # APTOS: quadratic weighted kappa
+    manufacturer: bool = False     # Pacemaker: manufacturer-level top-1
+
+
+@dataclass
+class RunOptions:
+    """Everything a run needs besides the config dict (set from the command line)."""
+
+    model: str
+    image_path: str | None
+    out: Path
+    manifest: str | None = None
+    weights: str | None = None
+    neurons: str | None = None
+    detect_path: str | None = None
+    reference_probes: str | None = None
+    no_cache: bool = False
+    cache_dir: Path | None = None
+    strict: bool = False
+    demo: bool = False
+    command_line: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# KEY=VALUE
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """One ``KEY=VALUE`` item of a flag (``--set top_k=30``, ``--data aptos=DIR``)."""
+
+    flag: str               # "--set"
+    item: str               # as typed
+    key: str                # before the first "=", surrounding blanks removed
+    value: str | None       # after it, as typed; None without "="
+
+    def error(self, problem: str) -> UserError:
+        """One line naming the item: ``--data aptos=/x: no such folder /x; ...``."""
+        return UserError(f"{self.flag} {self.item}: {problem}")
+
+
+def parse_key_values(items: Sequence[str], flag: str, *, form: str | Callable[[str], str],
+                     keys: Sequence[str] | None = None, noun: str = "key", unique: bool = False,
+                     value: bool = True, blank: bool = False) -> list[KeyValue]:
+    """Every item of ``flag`` split at its first ``=``, in the order given.
+
+    One line naming the item and what is expected (``form``, or ``form(key)``) when the key is not
+    one of ``keys`` (a ``noun``), is given twice (``unique``), the ``=VALUE`` is missing
+    (``value``; a blank value too unless ``blank``) or present although ``value`` is False.
+    """
+    parsed: list[KeyValue] = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        pair = KeyValue(flag, item, key.strip(), text if sep else None)
+        if keys is not None and pair.key not in keys:
+            raise pair.error(f"unknown {noun} {pair.key!r}; valid: {', '.join(keys)}")
+        if unique and any(p.key == pair.key for p in parsed):
+            raise pair.error(f"{noun} {pair.key} is given twice")
+        missing = not sep or (not blank and not text.strip())
+        if missing if value else sep:
+            raise pair.error(f"expected {form(pair.key) if callable(form) else form}")
+        parsed.append(pair)
+    return parsed
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as Python: true/false, none/null, a literal such as ``(1, 2)``, else the text."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -47,28 +120,54 @@ def _parse_value(text: str) -> Any:
         return text.strip()
 
 
+# --------------------------------------------------------------------------------------------
+# the config dict
+
+# Keys that take a positive number or the word "auto".
+NUMBER_OR_AUTO_KEYS = ("register_norm_threshold",)
+# Keys that take a non-negative integer or the word "auto".
+COUNT_OR_AUTO_KEYS = ("num_workers",)
+# Keys that take an integer of at least this much.
+LOWEST = {"batch_size": 1, "detect_images": 1, "probe_max_epochs": 1, "probe_patience": 1,
+          "bootstrap_resamples": 1, "figure_images": 0, "analysis_images": 0}
+# ... and these only with a model (the run defaults alone have none of them).
+LOWEST_WITH_MODEL = {"num_registers": 1, "top_k": 1}
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Keys that take one of a few words: the lists their own modules define (imported here, on
+    use, so that importing this module does not import torch)."""
+    from common.models.backbone import PRECISIONS
+    from common.registers.features import FEATURES
+    from common.registers.intervention import INTERVENTION_MAX, NORMAL_VALUES
+
+    return {"normal_values": NORMAL_VALUES, "feature": FEATURES, "intervention_max": INTERVENTION_MAX,
+            "precision": PRECISIONS}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
-    """``value`` converted to the type of ``default``, or a UserError naming the key."""
-    if key in NUMBER_OR_AUTO_KEYS:
-        if value == "auto":
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-            return value
-        raise UserError(f"--set {key}={value!r}: expected a positive number or 'auto'")
-    if key in COUNT_OR_AUTO_KEYS:
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-            return value
-        raise UserError(f"--set {key}={value!r}: expected an integer >= 0 or 'auto'")
+    """A ``--set`` value converted to the type of the key's default, or a UserError naming the key
+    (the "auto" keys and ranges are checked by :func:`validate`)."""
+    if key in NUMBER_OR_AUTO_KEYS or key in COUNT_OR_AUTO_KEYS:
+        return value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
         raise UserError(f"--set {key}={value!r}: expected true or false")
     if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
+        if _is_int(value):
             return value
         raise UserError(f"--set {key}={value!r}: expected an integer")
     if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if _is_number(value):
             return float(value)
         raise UserError(f"--set {key}={value!r}: expected a finite number")
     if isinstance(default, tuple):
@@ -93,42 +192,59 @@ def base_config(model: str | None) -> dict:
     return config
 
 
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """Apply ``KEY=VALUE`` strings; an unknown key is an error listing the valid ones."""
+def set_keys(overrides: Sequence[str]) -> list[KeyValue]:
+    """The ``--set`` items, split (one line naming an item without ``=``)."""
+    return parse_key_values(overrides, "--set", form="KEY=VALUE, e.g. --set top_k=30", blank=True)
+
+
+def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``--set KEY=VALUE`` strings (a later one wins); an unknown key is an error listing the valid ones."""
     config = dict(config)
-    for item in overrides or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set top_k=30")
-        key, raw = item.split("=", 1)
-        key = key.strip()
+    for pair in set_keys(overrides):
+        key = pair.key
         if key not in config:
             model_keys = sorted(set().union(*configs.MODEL_CONFIGS.values()) - set(config))
             hint = (f" ({key} belongs to a model's config: pass --model)" if key in model_keys else "")
             raise UserError(f"--set {key}: unknown config key{hint}; valid keys: {', '.join(sorted(config))}")
-        config[key] = _coerce(key, _parse_value(raw), config[key])
+        config[key] = _coerce(key, parse_value(pair.value), config[key])
     return config
 
 
-def _at_least(config: dict, key: str, low: int) -> None:
-    if config[key] < low:
-        raise UserError(f"{key}={config[key]}: it must be at least {low}")
+def resolve_config(model: str | None, overrides: Sequence[str] = (), flags: dict[str, Any] | None = None,
+                   *, demo: bool = False) -> dict:
+    """The checked config of a run: the model's dict (the run defaults alone without a model), the
+    demo's defaults (``demo``), ``--set`` overrides, then the dedicated flags (``--seed 3`` is
+    ``{"seed": 3}``; None: not given)."""
+    config = base_config(model)
+    if demo:
+        from common.demo.demo import demo_defaults
+
+        config.update(demo_defaults(model))
+    config = apply_overrides(config, overrides)
+    config.update({key: value for key, value in (flags or {}).items() if value is not None})
+    return validate(config, model)
 
 
 def validate(config: dict, model: str | None) -> dict:
-    """Check values whose meaning goes beyond their type (no model needed)."""
-    for key, choices in CHOICES.items():
-        if key in config and config[key] not in choices:
-            raise UserError(f"{key}={config[key]!r}: use one of {', '.join(choices)}")
+    """Check types, ranges and choices (no model needed, except for the model's own names)."""
+    for key, valid in choices().items():
+        if key in config and config[key] not in valid:
+            raise UserError(f"{key}={config[key]!r}: use one of {', '.join(valid)}")
     seed = config["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+    if not _is_int(seed) or not 0 <= seed < 2 ** 32:
         raise UserError(f"seed={seed!r} (--seed): use an integer from 0 to {2 ** 32 - 1}")
+    for key in NUMBER_OR_AUTO_KEYS:
+        value = config.get(key, "auto")
+        if value != "auto" and not (_is_number(value) and value > 0):
+            raise UserError(f"{key}={value!r}: expected a positive number or 'auto'")
     workers = config["num_workers"]
-    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+    if workers != "auto" and not (_is_int(workers) and workers >= 0):
         raise UserError(f"num_workers={workers!r}: use an integer >= 0 (0 decodes in the main process) or auto")
-    for key, low in (("batch_size", 1), ("detect_images", 1), ("probe_max_epochs", 1), ("probe_patience", 1),
-                     ("bootstrap_resamples", 1), ("figure_images", 0), ("analysis_images", 0)):
-        if key in config:
-            _at_least(config, key, low)
+    for key, low in (LOWEST | (LOWEST_WITH_MODEL if model is not None else {})).items():
+        if not _is_int(config[key]):
+            raise UserError(f"{key}={config[key]!r}: expected an integer")
+        if config[key] < low:
+            raise UserError(f"{key}={config[key]}: it must be at least {low}")
     if not 0 < config["val_fraction"] < 1 or not 0 < config["test_fraction"] < 1 or \
             config["val_fraction"] + config["test_fraction"] >= 1:
         raise UserError(f"val_fraction={config['val_fraction']} and test_fraction={config['test_fraction']}: "
@@ -139,18 +255,20 @@ def validate(config: dict, model: str | None) -> dict:
                         f"valid: {', '.join(EXTRA_MODES)}")
     for key in ("probe_lr_grid", "probe_weight_decay_grid"):
         values = config[key]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                   for v in values) or (key == "probe_lr_grid" and min(values) <= 0):
+        if not all(_is_number(v) and v >= 0 for v in values) or (key == "probe_lr_grid" and min(values) <= 0):
             raise UserError(f"{key}={values!r}: expected positive numbers (weight decay may be 0)")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in config["probe_seeds"]):
+    if not all(_is_int(s) for s in config["probe_seeds"]):
         raise UserError(f"probe_seeds={config['probe_seeds']!r}: expected integers, e.g. (0, 1, 2)")
     if model is None:
         return config
-    _at_least(config, "num_registers", 1)
-    _at_least(config, "top_k", 1)
-    if not (math.isfinite(config["scale"])):
+    if not _is_number(config["scale"]):
         raise UserError(f"scale={config['scale']}: expected a finite number")
-    get_family(model).architecture(config)   # an unknown backbone_size / model_name is named here
+    from common.models.families import get_family
+
+    family = get_family(model)
+    family.architecture(config)   # an unknown backbone_size / model_name is named here
+    if config["zero_shot"] and not family.supports_zero_shot:
+        raise UserError(f"--zero_shot needs a backbone with a text tower (clip); {model} has none")
     return config
 
 
@@ -176,6 +294,6 @@ def resolve_workers(value: int | str, device_type: str) -> int:
     """Decoding threads: ``auto`` = the host's cores on the CPU (they share the cores with the
     model's own threads) and cores - 1 on CUDA (one core feeds the GPU)."""
     if value != "auto":
-        return int(value)
+        return value
     cores = os.cpu_count() or 1
     return max(0, cores - 1) if device_type == "cuda" else (cores if cores > 1 else 0)

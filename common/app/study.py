@@ -10,18 +10,12 @@
     python -m common.study --demo --out DIR [--data aptos orthonet] [--models clip] [--axes ...]
     torchrun --nproc_per_node=N -m common.study ...
 
-The grid is each given dataset x each model x the values of the axes the user names.  An axis
-value applies only where it makes sense (``backbone_size`` to dinov2; ``neurons=paper`` to DINOv2
-ViT-L/14 only; in a demo neither, the planted models have one size and no published neurons);
-what does not apply is listed in the report with the reason, never silently dropped.
-
-Each cell is an ordinary run folder ``OUT/cells/<cell name>/`` made by calling
-:func:`common.app.cli.main` in this process with exactly the arguments a user would type after
-``python test_<dataset>.py`` (every path absolute, so the command in the report re-runs the cell
-alone from the repository root).  Cell names: ``<dataset>_<model>`` then ``_<axis>-<value>`` for
-each applicable axis in the order given, e.g. ``aptos_dinov2_backbone_size-vitl14_reg_top_k-20``.
-All cells share one cache folder (``--cache_dir``, else the tool's default), so decoded images,
-no-ttr features and detection computed for one cell are reused by the next.
+The grid (which axis value applies where, cell names, each cell's arguments) is planned by
+:mod:`common.app.grid`.  Each cell is an ordinary run folder ``OUT/cells/<cell name>/`` made by
+calling :func:`common.app.cli.main` in this process with exactly the arguments a user would type
+after ``python test_<dataset>.py``.  All cells share one cache folder (``--cache_dir``, else the
+tool's default), so decoded images, no-ttr features and detection computed for one cell are
+reused by the next.
 
 Resume: a cell whose ``config.json`` says ``"status": "done"`` and whose recorded command line
 is the one the study would run (same entry script, same arguments) is not run again; anything
@@ -46,19 +40,18 @@ import argparse
 import collections
 import gc
 import importlib.util
-import itertools
-import json
 import logging
 import re
-import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
 from common.app.cli import MODELS, setup_logging
-from common.app.options import DatasetSpec
+from common.app.outdir import finished_run
+from common.app.grid import AXES, DEMO_AXES, DEMO_SETS, Cell, Request, Skipped, plan_grid
+from common.app.settings import DatasetSpec, parse_key_values, resolve_config, set_keys
 from common.errors import EXIT_INTERRUPTED, UserError, run_entry
 
 log = logging.getLogger(__name__)
@@ -68,224 +61,7 @@ DATASETS = ("pacemaker", "orthonet", "aptos")
 DEFAULT_MODELS = ("clip", "dinov2")
 STUDY_FILE = "study.json"
 STUDY_FORMAT = "ttr-study/1"
-# The demo grid: one axis, the question of Parodi et al. (zeroing is out of distribution).
-DEMO_AXES = {"normal_values": ("zero", "mean")}
-# The demo's trimmed statistics (one probe seed, fewer resamples, one figure image): the grid of
-# 12 cells then fits in a few minutes on 2 cores.
-DEMO_SETS = ("probe_seeds=(0,)", "bootstrap_resamples=200", "figure_images=1", "analysis_images=16")
 LOG_TAIL_LINES = 400
-
-
-class StudyError(UserError):
-    """A bad study argument (exit 2, one line)."""
-
-
-# --------------------------------------------------------------------------------------------
-# axes
-
-
-@dataclass(frozen=True)
-class Axis:
-    """One optional grid axis: its values, the run arguments of a value, and where it applies."""
-
-    name: str
-    choices: tuple[str, ...] | None          # None: any positive integer
-    models: tuple[str, ...] | None           # None: every model
-    explain: str                             # why it does not apply to the other models
-
-    def parse(self, raw: str) -> str:
-        value = raw.strip()
-        if self.choices is None:
-            if not value.isdigit() or int(value) < 1:
-                raise StudyError(f"--axes {self.name}: value {raw!r} is not a positive integer")
-            return str(int(value))
-        if value not in self.choices:
-            raise StudyError(f"--axes {self.name}: unknown value {raw!r}; valid: {', '.join(self.choices)}")
-        return value
-
-    def arguments(self, value: str) -> list[str]:
-        """What a user types for this value after ``test_<dataset>.py``."""
-        if self.name == "neurons":
-            return ["--neurons", "paper"] if value == "paper" else []
-        return ["--set", f"{self.name}={value}"]
-
-
-def _axes() -> dict[str, Axis]:
-    from common.app.settings import CHOICES
-    from common.models.dinov2 import ARCHS
-
-    return {
-        "normal_values": Axis("normal_values", tuple(CHOICES["normal_values"]), None, ""),
-        "backbone_size": Axis("backbone_size", tuple(ARCHS), ("dinov2",),
-                              "backbone_size names DINOv2 sizes (and their trained-register *_reg variants); "
-                              "this model has one backbone, run once"),
-        "neurons": Axis("neurons", ("detected", "paper"), None, ""),
-        "top_k": Axis("top_k", None, None, ""),
-        "feature": Axis("feature", tuple(CHOICES["feature"]), None, ""),
-    }
-
-
-AXES: dict[str, Axis] = _axes()
-PAPER_NEURON_COUNT = 45  # the published DINOv2 ViT-L/14 set (common.registers.neurons.PAPER_NEURONS_DINOV2_VITL14)
-
-
-# --------------------------------------------------------------------------------------------
-# the request and the plan
-
-
-@dataclass
-class Request:
-    """The parsed, checked study arguments."""
-
-    out: Path
-    datasets: dict[str, Path | None]          # dataset -> folder (None in a demo: generated)
-    models: tuple[str, ...]
-    axes: dict[str, tuple[str, ...]]          # axis -> values, in the order given
-    zero_shot: bool = False
-    weights: dict[str, Path] = field(default_factory=dict)   # "clip" / "dinov2" / "dinov2:vitl14_reg"
-    sets: tuple[str, ...] = ()
-    cache_dir: Path | None = None
-    device: str | None = None
-    demo: bool = False
-    seed: int = 0
-    default_sizes: dict[str, str] = field(default_factory=dict)   # model -> configured backbone_size
-    command_line: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Cell:
-    """One run of the grid and what became of it."""
-
-    name: str
-    dataset: str
-    model: str
-    settings: dict[str, str]                  # applicable axis -> value
-    argv: list[str]                           # after ``test_<dataset>.py``
-    folder: str
-    status: str = "pending"                   # pending | done | resumed | failed | interrupted
-    exit_code: int | None = None
-    error: str = ""
-    seconds: float | None = None
-
-    @property
-    def script(self) -> str:
-        return f"test_{self.dataset}.py"
-
-    def command(self) -> str:
-        """The shell command that re-runs this cell alone (from the repository root)."""
-        return shlex.join(["python", self.script, *self.argv])
-
-
-@dataclass
-class Skipped:
-    """A combination of the grid that is not run, and why."""
-
-    dataset: str
-    model: str
-    combination: str
-    reason: str
-
-
-def _combination_text(combo: dict[str, str]) -> str:
-    return ", ".join(f"{axis}={value}" for axis, value in combo.items())
-
-
-def cell_name(dataset: str, model: str, settings: dict[str, str]) -> str:
-    """``<dataset>_<model>`` then ``_<axis>-<value>`` per applicable axis (order as given)."""
-    return "_".join([dataset, model, *(f"{axis}-{value}" for axis, value in settings.items())])
-
-
-def _weights_for(request: Request, model: str, size: str | None) -> Path | None:
-    """``MODEL:SIZE=PATH`` for that size; ``MODEL=PATH`` for the configured size only (a ViT-L/14
-    checkpoint cannot serve a vitl14_reg cell)."""
-    configured = request.default_sizes.get(model)
-    size = size or configured
-    if size and f"{model}:{size}" in request.weights:
-        return request.weights[f"{model}:{size}"]
-    if size == configured:
-        return request.weights.get(model)
-    return None
-
-
-def _cell_argv(request: Request, dataset: str, model: str, settings: dict[str, str], folder: Path) -> list[str]:
-    from common.models.families import get_family
-
-    argv = ["--model", model]
-    if request.demo:
-        argv.append("--demo")
-    data = request.datasets[dataset] if not request.demo else request.out / "data" / dataset
-    argv += ["--image_path", str(Path(data).resolve()), "--out", str(folder.resolve())]
-    if request.cache_dir is not None:
-        argv += ["--cache_dir", str(request.cache_dir.resolve())]
-    if request.device:
-        argv += ["--device", request.device]
-    weights = _weights_for(request, model, settings.get("backbone_size"))
-    if weights is not None:
-        argv += ["--weights", str(weights.resolve())]
-    if request.zero_shot and get_family(model).supports_zero_shot:
-        argv.append("--zero_shot")
-    for item in (*DEMO_SETS, *request.sets) if request.demo else request.sets:
-        argv += ["--set", item]
-    for axis, value in settings.items():
-        argv += AXES[axis].arguments(value)
-    return argv
-
-
-def _combo_rule(request: Request, model: str, combo: dict[str, str]) -> tuple[dict[str, str] | None, str, str]:
-    """The settings a combination runs with (None: skipped), the reason when it is skipped or
-    reduced, and the axis values that cause it."""
-    if combo.get("neurons") != "paper":
-        return combo, "", ""
-    if model != "dinov2":
-        return None, (f"the published register neurons are DINOv2 ViT-L/14's (found on ImageNet); {model} "
-                      "has none: its cells detect theirs"), "neurons=paper"
-    if request.demo:
-        return None, "the demo's planted model has no published neurons (they index DINOv2 ViT-L/14)", "neurons=paper"
-    size = combo.get("backbone_size", request.default_sizes.get("dinov2"))
-    if size != "vitl14":
-        return None, (f"the published neurons index DINOv2 ViT-L/14 without trained registers; "
-                      f"backbone_size={size} is another model"), f"neurons=paper, backbone_size={size}"
-    if "top_k" in combo:
-        reduced = {axis: value for axis, value in combo.items() if axis != "top_k"}
-        return reduced, (f"the published set ({PAPER_NEURON_COUNT} neurons, listed by layer, not ranked) is used "
-                         "whole with the configured top_k; top_k would cut it in published order, so it runs once "
-                         "as {cell}"), f"neurons=paper, top_k={combo['top_k']}"
-    return combo, "", ""
-
-
-def plan_grid(request: Request) -> tuple[list[Cell], list[Skipped]]:
-    """The cells (each dataset x each model x the applicable axis values) and what is skipped."""
-    cells: list[Cell] = []
-    skipped: list[Skipped] = []
-    seen: set[str] = set()
-    for dataset in request.datasets:
-        for model in request.models:
-            axes = {}
-            for axis, values in request.axes.items():
-                rule = AXES[axis]
-                if axis == "backbone_size" and request.demo:
-                    skipped.append(Skipped(dataset, model, f"{axis}={','.join(values)}",
-                                           "the demo's planted models have one size; run once"))
-                elif rule.models is not None and model not in rule.models:
-                    skipped.append(Skipped(dataset, model, f"{axis}={','.join(values)}",
-                                           f"applies to {', '.join(rule.models)} only: {rule.explain}"))
-                else:
-                    axes[axis] = values
-            for values in itertools.product(*axes.values()):
-                combo = dict(zip(axes, values))
-                settings, reason, cause = _combo_rule(request, model, combo)
-                name = cell_name(dataset, model, settings) if settings is not None else ""
-                if reason:
-                    entry = Skipped(dataset, model, cause, reason.format(cell=name))
-                    if entry not in skipped:   # one line per cause, not per combination of the other axes
-                        skipped.append(entry)
-                if settings is None or name in seen:
-                    continue
-                seen.add(name)
-                folder = request.out / "cells" / name
-                cells.append(Cell(name, dataset, model, settings,
-                                  _cell_argv(request, dataset, model, settings, folder), str(folder.resolve())))
-    return cells, skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (exit 2), like every other bad argument of the study."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
-        raise StudyError(message)
+        raise UserError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,64 +109,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_data(items: Sequence[str], demo: bool) -> dict[str, Path | None]:
+    """``--data DATASET=DIR ...``; with ``--demo`` dataset names only (it generates its data)."""
+    form = ("a dataset name only: --demo generates its data (e.g. --data aptos orthonet)" if demo
+            else lambda key: f"{key}=DIR (the {key} dataset folder)")
     datasets: dict[str, Path | None] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if key not in DATASETS:
-            raise StudyError(f"--data {item}: unknown dataset {key!r}; use {', '.join(DATASETS)}")
-        if key in datasets:
-            raise StudyError(f"--data {item}: {key} is given twice")
-        if demo:
-            if sep:
-                raise StudyError(f"--data {item}: --demo generates its data; pass dataset names only "
-                                 "(e.g. --data aptos orthonet)")
-            datasets[key] = None
-            continue
-        if not sep or not value.strip():
-            raise StudyError(f"--data {item}: expected {key}=DIR (the {key} dataset folder)")
-        folder = Path(value).expanduser()
-        if not folder.is_dir():
-            raise StudyError(f"--data {item}: no such folder {folder}; pass the {key} dataset folder")
-        datasets[key] = folder
+    for pair in parse_key_values(items, "--data", keys=DATASETS, noun="dataset", unique=True, value=not demo,
+                                 form=form):
+        folder = None if demo else Path(pair.value).expanduser()
+        if folder is not None and not folder.is_dir():
+            raise pair.error(f"no such folder {folder}; pass the {pair.key} dataset folder")
+        datasets[pair.key] = folder
     return datasets
 
 
 def _parse_axes(items: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    def form(name: str) -> str:
+        return f"the values, e.g. {name}=" + ",".join((AXES[name].choices or ("10", "20"))[:2])
+
     axes: dict[str, tuple[str, ...]] = {}
-    for item in items:
-        name, sep, values = item.partition("=")
-        name = name.strip()
-        if name not in AXES:
-            raise StudyError(f"--axes {item}: unknown axis {name!r}; valid: {', '.join(AXES)}")
-        if name in axes:
-            raise StudyError(f"--axes {item}: axis {name} is given twice")
-        raw = [v for v in values.split(",") if v.strip()] if sep else []
+    for pair in parse_key_values(items, "--axes", keys=tuple(AXES), noun="axis", unique=True, form=form):
+        raw = [v for v in pair.value.split(",") if v.strip()]
         if not raw:
-            raise StudyError(f"--axes {item}: give the values, e.g. {name}="
-                             + ",".join((AXES[name].choices or ("10", "20"))[:2]))
-        parsed = tuple(dict.fromkeys(AXES[name].parse(v) for v in raw))
-        axes[name] = parsed
+            raise pair.error(f"expected {form(pair.key)}")
+        axes[pair.key] = tuple(dict.fromkeys(AXES[pair.key].parse(v) for v in raw))
     return axes
 
 
 def _parse_weights(items: Sequence[str], models: Sequence[str]) -> dict[str, Path]:
+    usage = f"MODEL=PATH or MODEL:SIZE=PATH with MODEL one of {', '.join(MODELS)}"
+    sizes = AXES["backbone_size"].choices
     weights: dict[str, Path] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        model, _, size = key.strip().partition(":")
-        if not sep or model not in MODELS:
-            raise StudyError(f"--weights {item}: expected MODEL=PATH or MODEL:SIZE=PATH with MODEL one of "
-                             f"{', '.join(MODELS)}")
+    for pair in parse_key_values(items, "--weights", form=usage):
+        model, _, size = pair.key.partition(":")
+        if model not in MODELS:
+            raise pair.error(f"expected {usage}")
         if model not in models:
-            raise StudyError(f"--weights {item}: {model} is not among --models ({' '.join(models)})")
-        if size and size not in AXES["backbone_size"].choices:
-            raise StudyError(f"--weights {item}: unknown size {size!r}; valid: "
-                             f"{', '.join(AXES['backbone_size'].choices)}")
-        path = Path(value).expanduser()
+            raise pair.error(f"{model} is not among --models ({' '.join(models)})")
+        if size and size not in sizes:
+            raise pair.error(f"unknown size {size!r}; valid: {', '.join(sizes)}")
+        path = Path(pair.value).expanduser()
         if not path.is_file():
-            raise StudyError(f"--weights {item}: no such file {path}")
-        weights[key.strip()] = path
+            raise pair.error(f"no such file {path}")
+        weights[pair.key] = path
     return weights
 
 
@@ -398,23 +158,14 @@ def _check_sets(sets: Sequence[str], models: Sequence[str], axes: dict[str, tupl
                 demo: bool) -> tuple[int, dict[str, str]]:
     """Every override valid for every model (as its runs will resolve it); returns the seed and
     each model's configured backbone_size."""
-    from common.app.settings import apply_overrides, base_config, validate
-
-    for item in sets:
-        key = item.partition("=")[0].strip()
-        if key in axes:
-            raise StudyError(f"--set {item}: {key} is a grid axis here (--axes {key}=...); set it in one place")
-        if key == "zero_shot":
-            raise StudyError(f"--set {item}: use the study's --zero_shot flag (it applies to clip cells only)")
+    for pair in set_keys(sets):
+        if pair.key in axes:
+            raise pair.error(f"{pair.key} is a grid axis here (--axes {pair.key}=...); set it in one place")
+        if pair.key == "zero_shot":
+            raise pair.error("use the study's --zero_shot flag (it applies to clip cells only)")
     seed, sizes = 0, {}
     for model in models:
-        defaults = None
-        if demo:
-            from common.demo.demo import demo_defaults
-
-            defaults = demo_defaults(model)
-        config = {**base_config(model), **(defaults or {})}
-        config = validate(apply_overrides(config, [*(DEMO_SETS if demo else ()), *sets]), model)
+        config = resolve_config(model, [*(DEMO_SETS if demo else ()), *sets], demo=demo)
         seed = int(config["seed"])
         if "backbone_size" in config:
             sizes[model] = str(config["backbone_size"])
@@ -422,24 +173,24 @@ def _check_sets(sets: Sequence[str], models: Sequence[str], axes: dict[str, tupl
 
 
 def parse_args(argv: Sequence[str]) -> Request:
-    """The checked request (StudyError naming the argument otherwise); runs nothing."""
+    """The checked request (UserError naming the argument otherwise); runs nothing."""
     args = build_parser().parse_args(list(argv))
     if not args.out:
-        raise StudyError("--out is required: the study folder (cells/, report/, study.json)")
+        raise UserError("--out is required: the study folder (cells/, report/, study.json)")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
-        raise StudyError(f"--out {out} is a file; pass a folder for the study")
+        raise UserError(f"--out {out} is a file; pass a folder for the study")
     if not args.demo and not args.data:
-        raise StudyError("--data is required: e.g. --data pacemaker=DIR orthonet=DIR aptos=DIR (or --demo)")
+        raise UserError("--data is required: e.g. --data pacemaker=DIR orthonet=DIR aptos=DIR (or --demo)")
     if args.demo and args.weights:
-        raise StudyError("--weights: --demo runs the planted models; drop --weights")
+        raise UserError("--weights: --demo runs the planted models; drop --weights")
     datasets = _parse_data(args.data, args.demo) if args.data else dict.fromkeys(DATASETS)
     models = tuple(args.models) if args.models else DEFAULT_MODELS
     for model in models:
         if model not in MODELS:
-            raise StudyError(f"--models {model}: unknown model; use {', '.join(MODELS)}")
+            raise UserError(f"--models {model}: unknown model; use {', '.join(MODELS)}")
     if len(set(models)) != len(models):
-        raise StudyError(f"--models {' '.join(models)}: a model is given twice")
+        raise UserError(f"--models {' '.join(models)}: a model is given twice")
     if args.axes is None:
         axes = dict(DEMO_AXES) if args.demo else {}
     else:
@@ -527,12 +278,9 @@ def last_error_line(text: str) -> str:
 
 def finished(cell: Cell) -> bool:
     """True when the cell's folder holds a finished run of exactly this cell's command."""
-    try:
-        info = json.loads((Path(cell.folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    recorded = info.get("command_line") if isinstance(info, dict) else None
-    return (info.get("status") == "done" and isinstance(recorded, list) and len(recorded) >= 1
+    info = finished_run(Path(cell.folder))
+    recorded = info.get("command_line") if info is not None else None
+    return (isinstance(recorded, list) and len(recorded) >= 1
             and Path(str(recorded[0])).name == cell.script and list(recorded[1:]) == cell.argv)
 
 
@@ -679,7 +427,7 @@ def run_study(request: Request, runner: Runner = run_cell) -> int:
 
     cells, skipped = plan_grid(request)
     if not cells:
-        raise StudyError("the grid is empty: every combination was skipped ("
+        raise UserError("the grid is empty: every combination was skipped ("
                          + "; ".join(f"{s.combination}: {s.reason}" for s in skipped[:2]) + ")")
     started = time.monotonic()
     study_file = request.out / STUDY_FILE

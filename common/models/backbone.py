@@ -16,12 +16,16 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from common.errors import UserError
 from common.models.families import FamilyAdapter, ModelIdentity, get_family
 from common.models.family import TextEncoder
 from common.models.weights import check_weights_file, fetch
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _from_adapter(name: str, doc: str) -> property:
+    """A read-only property that the family adapter answers."""
+    return property(lambda self: getattr(self.adapter, name), doc=doc)
 
 
 @dataclass
@@ -42,30 +46,20 @@ class Backbone:
     precision: str = "fp32"           # "fp32" | "bf16" (autocast for the forward passes)
     text: TextEncoder | None = None   # the text tower, for zero-shot classification (CLIP, when asked for)
 
-    @property
-    def model(self) -> nn.Module:
-        return self.adapter.model
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return self.adapter.blocks
+    # What the family adapter answers about the built model (common.models.family.FamilyAdapter).
+    model = _from_adapter("model", "The nn.Module.")
+    blocks = _from_adapter("blocks", "The transformer blocks, in order.")
+    num_prefix_tokens = _from_adapter("num_prefix_tokens", "CLS plus trained registers (1 + T).")
+    grid_size = _from_adapter("grid_size", "(rows, cols) of the image-patch grid.")
+    width = _from_adapter("width", "d: the residual-stream width.")
+    mlp_width = _from_adapter("mlp_width", "D_mlp: the neurons of one block's MLP.")
+    num_heads = _from_adapter("num_heads", "Attention heads per block.")
+    input_size = _from_adapter("input_size", "Side of the square input image, in pixels.")
+    activation = _from_adapter("activation", "Name of the MLP activation actually used.")
 
     @property
     def num_layers(self) -> int:
         return len(self.adapter.blocks)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        """CLS plus trained registers (1 + T)."""
-        return self.adapter.num_prefix_tokens
-
-    @property
-    def num_trained_registers(self) -> int:
-        return self.num_prefix_tokens - 1
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.adapter.grid_size
 
     @property
     def num_patches(self) -> int:
@@ -73,29 +67,9 @@ class Backbone:
         return rows * cols
 
     @property
-    def width(self) -> int:
-        return self.adapter.width
-
-    @property
     def pooled_width(self) -> int:
         """d_out: the width of the pooled feature (CLIP's projection; d elsewhere)."""
         return int(self.adapter.project(torch.zeros(1, self.width, device=self.device)).shape[-1])
-
-    @property
-    def mlp_width(self) -> int:
-        return int(self.adapter.mlp_out(0).in_features)
-
-    @property
-    def num_heads(self) -> int:
-        return self.adapter.num_heads
-
-    @property
-    def input_size(self) -> int:
-        return self.adapter.input_size
-
-    @property
-    def activation(self) -> str:
-        return self.adapter.activation
 
     @property
     def preprocess_id(self) -> str:
@@ -125,8 +99,8 @@ class Backbone:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA (with TF32 matmuls), fp32 elsewhere (bf16 is slower on most CPUs)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS:   # a user's value is checked where it enters (common.app.settings)
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
@@ -134,7 +108,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def resolve_weights(family: str, config: dict, weights: str | Path | None) -> str:
     """Local path of the weights a real run uses: ``--weights``, else a library cache, else a
-    download; a :class:`UserError` saying what to fetch when none works.  Cheap to call first."""
+    download; a :class:`common.errors.UserError` saying what to fetch when none works.  Cheap to call first."""
     if weights is not None:
         return str(check_weights_file(weights))
     adapter = get_family(family)
@@ -172,7 +146,7 @@ def load_backbone(
     device = torch.device(device)
     adapter = adapter_class(_frozen(built.model, device))
     identity = ModelIdentity(family, adapter_class.architecture(config), len(adapter.blocks),
-                             int(adapter.mlp_out(0).in_features),
+                             adapter.mlp_width,
                              "random-init" if random_init else adapter_class.weights_name(config))
     return Backbone(family=family, adapter=adapter, preprocess=built.preprocess, device=device,
                     description=built.description, weights_id=built.weights_id, identity=identity,
@@ -190,7 +164,7 @@ def backbone_from_module(family: str, model: nn.Module, *, preprocess: Callable 
     if preprocess is None:
         preprocess = adapter_class.small_preprocess(adapter.input_size)
     identity = ModelIdentity(family, f"planted-{family}", len(adapter.blocks),
-                             int(adapter.mlp_out(0).in_features), weights_id)
+                             adapter.mlp_width, weights_id)
     return Backbone(family=family, adapter=adapter, preprocess=preprocess, device=device,
                     description=description, weights_id=weights_id, identity=identity,
                     precision=resolve_precision(precision, device),

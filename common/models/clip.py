@@ -22,15 +22,8 @@ from torch import nn
 
 from common.errors import UserError
 from common.models.family import (
-    Built,
-    FamilyAdapter,
-    ModelIdentity,
-    PlantingGains,
-    QKStore,
-    TextEncoder,
-    appending_pre_hook,
-    seeded_init,
-    split_heads,
+    BlockParts, Built, FamilyAdapter, ModelIdentity, PlantingGains, QKStore, TextEncoder,
+    appending_pre_hook, seeded_init, split_heads
 )
 from common.models.weights import WeightsHint, file_identity, load_state_dict
 
@@ -46,6 +39,7 @@ class ClipAdapter(FamilyAdapter):
     name = "clip"
     title = "CLIP"
     planting = PlantingGains(filter=12.0, energy=3.0, energy_write=1.0, gate=6.0)
+    block_parts = BlockParts(mlp_in="mlp.c_fc", mlp_out="mlp.c_proj", attn_out="attn.out_proj")
     supports_zero_shot = True
     # The fixture's text tower: small, but with CLIP's own tokenizer and vocabulary.
     SMALL_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}
@@ -186,15 +180,6 @@ class ClipAdapter(FamilyAdapter):
     @property
     def final_norm(self) -> nn.Module:
         return self.model.ln_post
-
-    def mlp_in(self, layer: int) -> nn.Linear:
-        return self.blocks[layer].mlp.c_fc
-
-    def mlp_out(self, layer: int) -> nn.Linear:
-        return self.blocks[layer].mlp.c_proj
-
-    def attn_out(self, layer: int) -> nn.Linear:
-        return self.blocks[layer].attn.out_proj
 
     @property
     def activation(self) -> str:

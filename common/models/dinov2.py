@@ -26,14 +26,8 @@ from torch import nn
 
 from common.errors import UserError
 from common.models.family import (
-    Built,
-    FamilyAdapter,
-    ModelIdentity,
-    PlantingGains,
-    QKStore,
-    eval_preprocess,
-    seeded_init,
-    with_registers,
+    BlockParts, Built, FamilyAdapter, ModelIdentity, PlantingGains, QKStore,
+    eval_preprocess, seeded_init, with_registers
 )
 from common.models.weights import WeightsHint, file_identity, load_state_dict
 
@@ -114,9 +108,12 @@ class Dinov2Adapter(FamilyAdapter):
     name = "dinov2"
     title = "DINOv2"
     sizes = ARCHS
+    pretrained_tag = PRETRAINED_TAG    # timm's tag of the released weights
     # No norm before the blocks: raw filter responses stay small (they would make textured
     # patches high-norm on their own) and are amplified downstream.
     planting = PlantingGains(filter=1.5, energy=24.0, energy_write=0.1, gate=20.0)
+    # fc2's input is the activation output, or SwiGLU's gated product (vitg14): the neurons.
+    block_parts = BlockParts(mlp_in="mlp.fc1", mlp_out="mlp.fc2", attn_out="attn.proj")
 
     # ---------------------------------------------------------------- a configured model
     @classmethod
@@ -138,12 +135,12 @@ class Dinov2Adapter(FamilyAdapter):
         with torch.device("meta"):  # shapes only: nothing is allocated or initialised
             model = cls._create(arch)
         adapter = cls(model)
-        return ModelIdentity(cls.name, arch, len(adapter.blocks), int(adapter.mlp_out(0).in_features),
+        return ModelIdentity(cls.name, arch, len(adapter.blocks), adapter.mlp_width,
                              cls.weights_name(config))
 
     @classmethod
     def weights_name(cls, config: dict) -> str:
-        return f"{cls.architecture(config)}.{PRETRAINED_TAG}"
+        return f"{cls.architecture(config)}.{cls.pretrained_tag}"
 
     @classmethod
     def _meta_file(cls, config: dict) -> tuple[str, str]:
@@ -227,16 +224,6 @@ class Dinov2Adapter(FamilyAdapter):
     @property
     def final_norm(self) -> nn.Module:
         return self.model.norm
-
-    def mlp_in(self, layer: int) -> nn.Linear:
-        return self.blocks[layer].mlp.fc1
-
-    def mlp_out(self, layer: int) -> nn.Linear:
-        # fc2's input is the activation output, or SwiGLU's gated product (vitg14): the neurons.
-        return self.blocks[layer].mlp.fc2
-
-    def attn_out(self, layer: int) -> nn.Linear:
-        return self.blocks[layer].attn.proj
 
     @property
     def activation(self) -> str:

@@ -51,16 +51,13 @@ class Dinov3Adapter(Dinov2Adapter):
     name = "dinov3"
     title = "DINOv3"
     sizes = ARCHS
+    pretrained_tag = PRETRAINED_TAG
 
     @classmethod
     def _create(cls, arch: str, **kwargs) -> nn.Module:
         import timm
 
         return timm.create_model(arch, pretrained=False, num_classes=0, img_size=224, global_pool="token", **kwargs)
-
-    @classmethod
-    def weights_name(cls, config: dict) -> str:
-        return f"{cls.architecture(config)}.{PRETRAINED_TAG}"
 
     @classmethod
     def weights_hint(cls, config: dict) -> WeightsHint:

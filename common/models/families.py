@@ -1,7 +1,9 @@
 """The backbone families, one adapter class each (see :mod:`common.models.family`).
 
-Adding a family: write ``common/families/<name>.py`` with a :class:`FamilyAdapter` subclass,
-add one line to :data:`FAMILIES`, and its config dict to ``configs.py``.
+Adding a family: write ``common/models/<name>.py`` with a :class:`FamilyAdapter` subclass (it
+must implement every abstract method, and say where a block keeps its projections in
+``block_parts``), add one line to :data:`FAMILIES`, and its config dict to ``configs.py``
+(docs/extending.md).
 """
 
 from __future__ import annotations

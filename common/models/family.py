@@ -14,7 +14,7 @@ instance wraps one built model::
 
 from __future__ import annotations
 
-import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -53,6 +53,15 @@ class ModelIdentity:
         """Same family, architecture and shape (the weights may differ: a warning, not an error)."""
         return (self.family, self.architecture, self.layers, self.mlp_width) == \
                (other.family, other.architecture, other.layers, other.mlp_width)
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """Where a family's transformer block keeps its projections (paths inside one block)."""
+
+    mlp_in: str            # e.g. "mlp.fc1"
+    mlp_out: str           # its input are the neuron activations
+    attn_out: str
 
 
 @dataclass(frozen=True)
@@ -141,12 +150,13 @@ def seeded_init(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-class FamilyAdapter:
+class FamilyAdapter(ABC):
     """Base class of the family adapters (see the module docstring)."""
 
     name: ClassVar[str]
     title: ClassVar[str]                  # for humans, e.g. "CLIP"
     planting: ClassVar[PlantingGains]     # the fixture's circuit gains for this family
+    block_parts: ClassVar[BlockParts]     # where a block keeps its MLP and attention projections
     supports_zero_shot: ClassVar[bool] = False   # has a text tower (build(..., zero_shot=True))
 
     def __init__(self, model: nn.Module):
@@ -154,24 +164,26 @@ class FamilyAdapter:
 
     # ---------------------------------------------------------------- a configured model
     @classmethod
+    @abstractmethod
     def architecture(cls, config: dict) -> str:
-        """The library's architecture name for ``config`` (UserError for an unknown one)."""
-        raise NotImplementedError
+        """The library's architecture name for ``config``; a UserError naming an unknown
+        ``backbone_size`` or ``model_name`` (cheap: the settings call it to check a config)."""
 
     @classmethod
+    @abstractmethod
     def identity(cls, config: dict) -> ModelIdentity:
         """Depth and MLP width of the configured model, without loading weights."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def weights_name(cls, config: dict) -> str:
         """Portable name of the configured weights (a pretrained tag)."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def weights_hint(cls, config: dict) -> WeightsHint:
-        """What to download when the weights are missing (named in the error)."""
-        raise NotImplementedError
+        """What to download when the weights are missing (named in the error; a UserError for
+        configured names that have no released weights)."""
 
     @classmethod
     def cached_weights(cls, config: dict) -> str | None:
@@ -179,16 +191,16 @@ class FamilyAdapter:
         return None
 
     @classmethod
+    @abstractmethod
     def build(cls, config: dict, weights_file: str | None, seed: int) -> Built:
         """The model with ``weights_file`` loaded (converted from a foreign format where needed),
         or randomly initialised with ``seed`` when it is None.  The global RNG is left alone."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def build_small(cls, seed: int, *, image_size: int, patch_size: int, width: int, depth: int,
                     heads: int, mlp_ratio: float) -> nn.Module:
         """A small randomly initialised model of this family (the planted fixture's)."""
-        raise NotImplementedError
 
     @classmethod
     def small_preprocess(cls, image_size: int) -> Callable:
@@ -202,8 +214,9 @@ class FamilyAdapter:
 
     # ---------------------------------------------------------------- a built model's parts
     @property
+    @abstractmethod
     def blocks(self) -> list[nn.Module]:
-        raise NotImplementedError
+        """The transformer blocks, in order."""
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -211,40 +224,51 @@ class FamilyAdapter:
         return 1
 
     @property
+    @abstractmethod
     def grid_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        """(rows, cols) of the image-patch grid."""
 
     @property
+    @abstractmethod
     def width(self) -> int:
         """Residual-stream width d."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def input_size(self) -> int:
-        raise NotImplementedError
+        """Side of the square input image, in pixels."""
 
     @property
     def num_heads(self) -> int:
         return int(self.blocks[0].attn.num_heads)
 
     @property
+    @abstractmethod
     def final_norm(self) -> nn.Module:
-        raise NotImplementedError
+        """The norm after the last block (its output tokens are the final-norm tokens)."""
 
     def mlp_in(self, layer: int) -> nn.Linear:
-        raise NotImplementedError
+        """The MLP input projection of block ``layer``."""
+        return self.blocks[layer].get_submodule(self.block_parts.mlp_in)
 
     def mlp_out(self, layer: int) -> nn.Linear:
-        """The MLP output projection: its input are the neuron activations ``[B, N, D_mlp]``."""
-        raise NotImplementedError
+        """The MLP output projection of block ``layer``: its input are the neuron activations
+        ``[B, N, D_mlp]``."""
+        return self.blocks[layer].get_submodule(self.block_parts.mlp_out)
 
     def attn_out(self, layer: int) -> nn.Linear:
-        raise NotImplementedError
+        """The attention output projection of block ``layer``."""
+        return self.blocks[layer].get_submodule(self.block_parts.attn_out)
 
     @property
+    def mlp_width(self) -> int:
+        """D_mlp: the neurons of one block's MLP."""
+        return int(self.mlp_out(0).in_features)
+
+    @property
+    @abstractmethod
     def activation(self) -> str:
         """Name of the MLP activation actually used (recorded in config.json and cache keys)."""
-        raise NotImplementedError
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm tokens ``[B, ..., d]`` -> the space of the pooled feature ``[B, ..., d_out]``
@@ -253,50 +277,42 @@ class FamilyAdapter:
         return tokens
 
     # ---------------------------------------------------------------- hook attachment
+    @abstractmethod
     def attach_registers(self, num_registers: int,
                          on_tokens: Callable[[torch.Tensor], torch.Tensor | None]) -> list[Handle]:
         """Append ``num_registers`` zero tokens right after the position embedding; ``on_tokens``
         sees (and may replace) the tokens ``[B, N + R, d]`` there."""
-        raise NotImplementedError
 
+    @abstractmethod
     def attach_qk(self, layer: int, store: QKStore) -> Handle:
         """Call ``store(q, k)`` with block ``layer``'s queries and keys ``[B, H, N, dh]`` as its
         attention uses them, computed on the side (the block's output is unchanged)."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- fixture planting
+    @abstractmethod
     def patch_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight ``[d, 3, p, p]``, bias ``[d]`` or None) of the patch embedding."""
-        raise NotImplementedError
 
+    @abstractmethod
     def position_embedding(self) -> tuple[torch.Tensor, int]:
         """(the learned absolute position table ``[M, d]`` (a view), the row of the first patch):
         rows before it belong to prefix tokens."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cls_embedding(self) -> torch.Tensor:
         """The CLS token's input embedding ``[d]`` (a view)."""
-        raise NotImplementedError
 
     def trained_register_embedding(self) -> torch.Tensor | None:
         """The trained registers' input embeddings ``[T, d]`` (a view), None without any."""
         return None
 
+    @abstractmethod
     def qkv_projection(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight ``[3d, d]``, bias ``[3d]`` or None) computing q, k, v of block ``layer``
         (rows: q of every head, then k, then v; head h's coordinates are ``h*dh .. (h+1)*dh``)."""
-        raise NotImplementedError
 
     def stable_qk_coordinate(self) -> tuple[int, int | None]:
         """(a coordinate within a head whose q.k term positions do not rotate, its rotary partner or
         None): what the fixture's attention-sink circuit writes into."""
         return 0, None
 
-
-def mlp_width_of(linear: nn.Module) -> int:
-    return int(linear.in_features)
-
-
-def square_side(count: int) -> int:
-    side = int(round(math.sqrt(count)))
-    return side if side * side == count else -1

@@ -30,8 +30,6 @@ DETECT_MEMORY_BUDGET_BYTES = 1 << 30
 # Bytes of gathered outlier rows processed at once (several layers per kernel when they fit).
 _GATHER_CHUNK_BYTES = 64 << 20
 
-DetectionResult = NeuronRanking   # what detection returns is a ranking like any other
-
 
 def rank_scores(scores: np.ndarray) -> list[tuple[int, int, float]]:
     """``scores [L, D]`` -> every (layer, neuron, score), score descending, ties by (layer, neuron)."""

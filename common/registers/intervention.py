@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.errors import UserError
 from common.models.hooks import HookFn, TokenLayout, mlp_post
 from common.registers.modes import BASELINE, REMOVED, TTR
 
@@ -40,16 +39,11 @@ class Intervention:
     normal_values: str = "zero"
     per_neuron_max: bool = False
 
-    def __post_init__(self) -> None:
-        if self.normal_values not in NORMAL_VALUES:
-            raise UserError(
-                f"normal_values {self.normal_values!r} is unknown; use one of {', '.join(NORMAL_VALUES)}"
-            )
-
     @classmethod
     def from_config(cls, neurons: dict[int, list[int]], config: dict) -> "Intervention":
+        """From a run's config (checked where it entered: :mod:`common.app.settings`)."""
         return cls(neurons=dict(neurons), scale=float(config["scale"]), normal_values=config["normal_values"],
-                   per_neuron_max=config.get("intervention_max", "layer") == "neuron")
+                   per_neuron_max=config["intervention_max"] == "neuron")
 
     def describe(self) -> dict:
         """A JSON-friendly description (used in cache keys and config.json)."""
@@ -83,7 +77,7 @@ def mode_setup(mode: str, intervention: Intervention, num_registers: int) -> tup
         return 0, None
     if mode == TTR:
         if num_registers < 1:
-            raise UserError(f"num_registers={num_registers}: ttr needs at least one test-time register")
+            raise ValueError(f"num_registers={num_registers}: ttr needs at least one test-time register")
         return num_registers, intervention
     if mode == REMOVED:
         return 0, intervention
@@ -119,8 +113,8 @@ def apply_intervention(
     3. patch positions follow ``normal_values`` (zero | mean | only_outliers | same).
     4. CLS and trained registers are never touched.
     """
-    if normal_values not in NORMAL_VALUES:
-        raise UserError(f"normal_values {normal_values!r} is unknown; use one of {', '.join(NORMAL_VALUES)}")
+    if normal_values not in NORMAL_VALUES:   # a user's value is checked where it enters (common.app.settings)
+        raise ValueError(f"normal_values {normal_values!r} is unknown; use one of {', '.join(NORMAL_VALUES)}")
     index = torch.as_tensor(neurons, dtype=torch.long, device=activations.device)
     num_tokens = activations.shape[1]
     patch_start, patch_end = num_prefix_tokens, num_tokens - num_registers

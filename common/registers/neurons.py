@@ -63,8 +63,8 @@ class NeuronRanking:
     # ---------------------------------------------------------------- selection
     def select(self, highest_layer: int, top_k: int) -> dict[int, list[int]]:
         """Keep layers <= ``highest_layer``, take the first ``top_k``, group by layer in rank order."""
-        if top_k < 1:
-            raise UserError(f"top_k={top_k}: it must be at least 1")
+        if top_k < 1:   # a user's value is checked where it enters (common.app.settings)
+            raise ValueError(f"top_k={top_k}: it must be at least 1")
         selected: dict[int, list[int]] = {}
         taken = 0
         for layer, neuron, _ in self.ranked:

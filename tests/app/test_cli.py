@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from common.app.cli import main
-from common.app.options import DatasetSpec
+from common.app.settings import DatasetSpec
 from common.data.registry import KINDS
 from common.demo.fixture import IMAGE_SIZE, PATCH_SIZE
 from common.demo.synthetic import make_synthetic

@@ -18,14 +18,13 @@ from common.demo.fixture import fixture_images, make_planted_model
 from common.errors import UserError
 from common.models.hooks import HookedViT
 from common.registers.detection import (
-    DetectionResult,
     NoOutliersError,
     collect_norms,
     detect_register_neurons,
     rank_scores,
     suggest_threshold,
 )
-from common.registers.neurons import paper_neurons
+from common.registers.neurons import NeuronRanking, paper_neurons
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -487,7 +486,7 @@ def test_json_round_trip_full_ranking_and_selection(planted_dinov2, planted_dino
     assert all(isinstance(key, str) for key in raw["selected"])
     assert raw["highest_layer"] == 2 and raw["top_k"] == 3
 
-    loaded = DetectionResult.load(path)
+    loaded = NeuronRanking.load(path)
     assert loaded.ranked == result.ranked
     assert loaded.threshold == result.threshold
     assert loaded.images_counted == result.images_counted == 8
@@ -512,7 +511,7 @@ def test_json_round_trip_full_ranking_and_selection(planted_dinov2, planted_dino
     assert json.loads(path.read_text())["selected"] == {
         str(l): ids for l, ids in independent_select(result.ranked, 1, 5).items()}
 
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):   # a programmer's error: a user's top_k is checked by the settings
         loaded.select(2, 0)
 
 
@@ -520,7 +519,7 @@ def test_failed_save_leaves_old_file_and_no_temp(planted_dinov2_result, tmp_path
     path = tmp_path / "register_neurons.json"
     planted_dinov2_result.save(path)
     before = path.read_bytes()
-    broken = DetectionResult(**{**planted_dinov2_result.__dict__, "extra": {"bad": object()}})
+    broken = NeuronRanking(**{**planted_dinov2_result.__dict__, "extra": {"bad": object()}})
     with pytest.raises(TypeError):
         broken.save(path)
     assert path.read_bytes() == before
@@ -532,7 +531,7 @@ def test_nan_scores_round_trip(tmp_path):
     path = tmp_path / "paper.json"
     result.save(path)
     assert all(entry[2] is None for entry in json.loads(path.read_text())["ranked"])
-    loaded = DetectionResult.load(path)
+    loaded = NeuronRanking.load(path)
     assert [(l, n) for l, n, _ in loaded.ranked] == [(l, n) for l, n, _ in result.ranked]
     assert all(math.isnan(s) for _, _, s in loaded.ranked)
 
@@ -551,17 +550,17 @@ def test_malformed_json_is_a_user_error_naming_the_path(tmp_path, content):
     path = tmp_path / "neurons.json"
     path.write_text(content)
     with pytest.raises(UserError) as caught:
-        DetectionResult.load(path)
+        NeuronRanking.load(path)
     assert str(path) in str(caught.value)
 
 
 def test_missing_or_unreadable_file_is_a_user_error_naming_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "register_neurons.json"
     with pytest.raises(UserError) as caught:
-        DetectionResult.load(missing)
+        NeuronRanking.load(missing)
     assert str(missing) in str(caught.value)
     with pytest.raises(UserError) as caught:
-        DetectionResult.load(tmp_path)                                 # a folder
+        NeuronRanking.load(tmp_path)                                 # a folder
     assert str(tmp_path) in str(caught.value)
 
 

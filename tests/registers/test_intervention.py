@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import names, run
 
-from common.errors import UserError
 from common.models.hooks import HookedViT, mlp_post, resid_post
 from common.registers.intervention import Intervention, apply_intervention, signed_max
 
@@ -138,10 +137,10 @@ def test_per_neuron_max_option():
     assert out[:, 5, S].tolist() == [[7., -3.], [-9., 4.], [-5., 5.]]
 
 
-def test_unknown_normal_values_is_a_user_error():
-    with pytest.raises(UserError, match="normal_values"):
-        Intervention(neurons={0: [1]}, normal_values="median")
-    with pytest.raises(UserError, match="normal_values"):
+def test_unknown_normal_values_is_a_programmers_error():
+    """A user's normal_values is checked where it enters (tests/app/test_settings.py); the library
+    refuses an unknown rule instead of leaving the patches as they are."""
+    with pytest.raises(ValueError, match="normal_values"):
         apply_intervention(HAND, S, num_prefix_tokens=1, num_registers=1, normal_values="median")
 
 

@@ -1,0 +1,101 @@
+"""The study's grid (common.app.grid): which axis value applies where, what is skipped and why,
+and the exact arguments of each cell (what a user types after ``python test_<dataset>.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.app.grid import Request, cell_name, plan_grid
+from common.app.study import parse_args
+
+
+def _request(tmp_path: Path, *extra: str, data=("aptos", "orthonet")) -> Request:
+    folders = []
+    for name in data:
+        (tmp_path / name).mkdir(exist_ok=True)
+        folders.append(f"{name}={tmp_path / name}")
+    return parse_args(["--data", *folders, "--out", str(tmp_path / "out"), *extra])
+
+
+def test_grid_applies_each_axis_only_where_it_makes_sense(tmp_path):
+    request = _request(tmp_path, "--axes", "backbone_size=vitl14,vitl14_reg", "neurons=detected,paper",
+                       "top_k=10,50", data=("aptos",))
+    cells, skipped = plan_grid(request)
+    names = [cell.name for cell in cells]
+    assert names == [
+        "aptos_clip_neurons-detected_top_k-10", "aptos_clip_neurons-detected_top_k-50",
+        "aptos_dinov2_backbone_size-vitl14_neurons-detected_top_k-10",
+        "aptos_dinov2_backbone_size-vitl14_neurons-detected_top_k-50",
+        "aptos_dinov2_backbone_size-vitl14_neurons-paper",
+        "aptos_dinov2_backbone_size-vitl14_reg_neurons-detected_top_k-10",
+        "aptos_dinov2_backbone_size-vitl14_reg_neurons-detected_top_k-50",
+    ]
+    reasons = {(s.model, s.combination): s.reason for s in skipped}
+    assert "dinov2 only" in reasons[("clip", "backbone_size=vitl14,vitl14_reg")]
+    assert "ImageNet" in reasons[("clip", "neurons=paper")]
+    assert "vitl14_reg is another model" in reasons[("dinov2", "neurons=paper, backbone_size=vitl14_reg")]
+    for top_k in ("10", "50"):
+        assert "aptos_dinov2_backbone_size-vitl14_neurons-paper" in reasons[("dinov2", f"neurons=paper, top_k={top_k}")]
+    paper = cells[names.index("aptos_dinov2_backbone_size-vitl14_neurons-paper")]
+    assert paper.argv[paper.argv.index("--neurons") + 1] == "paper"
+    assert not any(a.startswith("top_k=") for a in paper.argv)
+
+
+def test_cell_arguments_are_what_a_user_types(tmp_path):
+    for name in ("clip.bin", "l14.pth", "l14reg.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    request = _request(tmp_path, "--axes", "normal_values=zero,mean", "backbone_size=vitl14,vitl14_reg",
+                       "--zero_shot", "--set", "probe_seeds=(0,1)", "--cache_dir", str(tmp_path / "cache"),
+                       "--weights", f"clip={tmp_path / 'clip.bin'}", f"dinov2={tmp_path / 'l14.pth'}",
+                       f"dinov2:vitl14_reg={tmp_path / 'l14reg.pth'}")
+    cells, _ = plan_grid(request)
+    assert len(cells) == 2 * (2 + 4)
+    by_name = {cell.name: cell for cell in cells}
+    clip = by_name["orthonet_clip_normal_values-mean"]
+    assert clip.argv == ["--model", "clip", "--image_path", str((tmp_path / "orthonet").resolve()),
+                         "--out", str((tmp_path / "out" / "cells" / clip.name).resolve()),
+                         "--cache_dir", str((tmp_path / "cache").resolve()),
+                         "--weights", str((tmp_path / "clip.bin").resolve()), "--zero_shot",
+                         "--set", "probe_seeds=(0,1)", "--set", "normal_values=mean"]
+    assert clip.command().startswith("python test_orthonet.py --model clip")
+    plain = by_name["aptos_dinov2_normal_values-zero_backbone_size-vitl14"]
+    registers = by_name["aptos_dinov2_normal_values-zero_backbone_size-vitl14_reg"]
+    assert plain.argv[plain.argv.index("--weights") + 1].endswith("l14.pth")
+    assert registers.argv[registers.argv.index("--weights") + 1].endswith("l14reg.pth")
+    assert "--zero_shot" not in plain.argv            # no text tower
+    assert "--demo" not in plain.argv
+
+
+def test_demo_grid(tmp_path):
+    request = parse_args(["--demo", "--out", str(tmp_path / "out")])
+    cells, skipped = plan_grid(request)
+    assert len(cells) == 3 * 2 * 2 and not skipped
+    assert {cell.settings["normal_values"] for cell in cells} == {"zero", "mean"}
+    for cell in cells:
+        assert "--demo" in cell.argv
+        data = (tmp_path / "out" / "data" / cell.dataset).resolve()
+        assert cell.argv[cell.argv.index("--image_path") + 1] == str(data)
+        assert ("--zero_shot" in cell.argv) == (cell.model == "clip")
+    # the planted models have one size and no published neurons: listed, not run
+    request = parse_args(["--demo", "--out", str(tmp_path / "out"), "--models", "dinov2", "--data", "aptos",
+                                "--axes", "backbone_size=vitl14,vitl14_reg", "neurons=detected,paper"])
+    cells, skipped = plan_grid(request)
+    assert [cell.name for cell in cells] == ["aptos_dinov2_neurons-detected"]
+    assert {s.combination for s in skipped} == {"backbone_size=vitl14,vitl14_reg", "neurons=paper"}
+
+
+def test_cell_name():
+    assert cell_name("aptos", "dinov2", {}) == "aptos_dinov2"
+    assert cell_name("aptos", "dinov2", {"backbone_size": "vitl14_reg", "top_k": "20"}) == \
+        "aptos_dinov2_backbone_size-vitl14_reg_top_k-20"
+
+
+def test_weights_serve_their_size_only(tmp_path):
+    """``MODEL=PATH`` serves the configured size only: a ViT-L/14 checkpoint cannot serve a
+    vitl14_reg cell, which then runs without --weights (and would fetch its own)."""
+    (tmp_path / "l14.pth").write_bytes(b"x")
+    request = _request(tmp_path, "--models", "dinov2", "--axes", "backbone_size=vitl14,vitl14_reg",
+                       "--weights", f"dinov2={tmp_path / 'l14.pth'}", data=("aptos",))
+    cells = {cell.settings["backbone_size"]: cell for cell in plan_grid(request)[0]}
+    assert cells["vitl14"].argv[cells["vitl14"].argv.index("--weights") + 1] == str((tmp_path / "l14.pth").resolve())
+    assert "--weights" not in cells["vitl14_reg"].argv
