@@ -7,76 +7,14 @@ One prediction per mode
     the tests and the predictions file cannot disagree.  The per-seed metrics only give the
     spread beside them (``<metric>_seed_sd``, sample sd with ``ddof=1``; 0 for one seed).
 
-Bootstrap
-    ``n_boot`` resamples of the test rows (indices from ``numpy.random.default_rng(seed)``,
-    ``integers(0, N, size=(n_boot, N))``), held as multiplicities ``W [B, N]``.  The same ``W``
-    serves every mode, so the per-mode intervals and the paired differences come from the same
-    resamples.  :func:`_bootstrap_metrics` computes every metric on all resamples in one
-    vectorised pass (per-class counts are ``W @ onehot``; the one-vs-rest AUC is the tie-aware
-    Mann-Whitney statistic with the multiplicities as weights); the full test set is one more
-    row of ``W`` (all ones), so point estimates and resamples share one code path, and
-    ``tests/test_metrics.py`` checks both against scikit-learn.  A resample on which a metric is
-    undefined (AUC with no class that has a positive and a negative; QWK with no expected
-    disagreement) is skipped for that metric, and for a difference, every resample where either
-    mode's value is undefined.
-
-Intervals
-    95% percentile intervals taken as order statistics: with ``B`` usable resamples and
-    ``j = #{k >= 0 : 2k/B < 0.05}`` (``j = 25`` for ``B = 1000``) the interval is
-    ``[j-th smallest, j-th largest]``.  That choice makes the interval of a difference agree
-    exactly with its p-value (below).
-
-Paired tests (``mode - baseline`` on the same test images)
-    * **Paired bootstrap** for every headline metric: ``d* = m*(mode) - m*(baseline)`` on each
-      shared resample, ``d`` on the full test set.  p-value by **percentile inversion**:
-      ``p = min(1, 2 * min(#{d* <= 0}, #{d* >= 0}) / B)`` (resamples with no difference count on
-      both sides, so identical modes give ``p = 1``; differences within 1e-12 are floating-point
-      noise and count as 0).  With the order-statistic interval above, ``p < 0.05`` holds
-      exactly when the 95% interval of the difference excludes 0: ``#{d* <= 0} < j`` is the
-      same statement as "the j-th smallest ``d*`` is > 0" (and likewise above), and ``j`` is
-      defined through the same floating-point expression ``2k/B < 0.05`` as the comparison
-      ``p < 0.05``.  So the verdict (decided on ``p``) never contradicts the interval it quotes.
-    * **Exact McNemar** on top-1 correctness of the two ensembles: ``mcnemar_b`` = images the
-      baseline gets right and the mode gets wrong, ``mcnemar_c`` = the reverse,
-      ``p_mcnemar_top1 = scipy.stats.binomtest(b, b + c, 0.5)`` (two-sided; 1 when ``b + c = 0``).
-
-Why percentile inversion (measured calibration)
-    It was measured against the null-centred construction ``p = #{|d* - d| >= |d|} / B`` on
-    simulated test sets where the two modes are exchangeable (two probability matrices drawn
-    alike, with a shared component so the modes are correlated as real ones are, and swapped
-    between the modes on a random half of the rows: the true difference is 0 for every metric).
-    Share of p < 0.05 (nominal 0.05; Monte Carlo SE about 0.003-0.004):
-
-    =====================  ================  ================  =====================
-    metric                 N=200 C=5, ~57%   N=60 C=4, ~62%    N=200 C=5, ~88% top-1
-                           B=1000, 5000 sims B=1000, 4000 sims B=1000, 4000 sims
-                           pct. / centred    pct. / centred    pct. / centred
-    =====================  ================  ================  =====================
-    top1                   0.048 / 0.050     0.043 / 0.043     0.044 / 0.050
-    top3                   0.045 / 0.046     0.043 / 0.019     0.028 / 0.009
-    f1_macro               0.054 / 0.053     0.059 / 0.055     0.056 / 0.052
-    precision_macro        0.050 / 0.050     0.055 / 0.052     0.057 / 0.056
-    recall_macro           0.054 / 0.054     0.057 / 0.054     0.056 / 0.054
-    auc_macro              0.051 / 0.049     0.053 / 0.048     0.057 / 0.041
-    balanced_accuracy      0.054 / 0.054     0.057 / 0.054     0.056 / 0.054
-    qwk                    0.051 / 0.051     0.074 / 0.066     0.059 / 0.049
-    McNemar (exact)        0.039             0.027             0.033
-    =====================  ================  ================  =====================
-
-    Over these and four more settings (N = 500 with imbalanced classes; N = 100 with 8 classes;
-    N = 150 imbalanced with two independent seeds of one mode instead of swapped rows; B = 200),
-    56 metric x setting cells in all: percentile inversion 0.028-0.074, RMS error 0.0084;
-    null-centred 0.009-0.070, RMS error 0.0094.  The two agree within Monte Carlo error on the
-    smooth metrics; the null-centred test collapses on top-3 (a difference made of a few
-    discordant rows, a lattice on which ``|d* - d| >= |d|`` is rarely reached) while percentile
-    inversion is at worst mildly liberal at small N.  Percentile inversion is kept: smaller
-    overall error, no collapse, and it is exactly the test that the reported percentile interval
-    of the difference implies.  McNemar's exact test is conservative (0.027-0.041).
-    ``tests/test_metrics_calibration.py`` re-measures the chosen construction through
-    :func:`evaluate_modes` on every test run (fewer simulations, B = 200).
-
-These are per-comparison p-values: many comparisons across datasets and backbones call for a
-multiplicity correction (``python -m common.report`` gives Holm-adjusted values).
+Resamples, intervals and paired tests
+    The statistics (shared bootstrap resamples ``W [B, N]``, percentile intervals, the paired
+    bootstrap and McNemar's test, Holm) live in :mod:`common.evaluation.stats`.  Here
+    :func:`_bootstrap_metrics` computes every metric on all resamples in one vectorised pass
+    (per-class counts are ``W @ onehot``; the one-vs-rest AUC is the tie-aware Mann-Whitney
+    statistic with the multiplicities as weights); the full test set is one more row of ``W``
+    (all ones), so point estimates and resamples share one code path, and
+    ``tests/evaluation/test_metrics.py`` checks both against scikit-learn.
 
 Rates are fractions in [0, 1]; kappa is in [-1, 1].
 """
@@ -90,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
@@ -104,7 +41,8 @@ from sklearn.metrics import (
 )
 
 from common.errors import UserError
-from common.registers.modes import BASELINE, TTR
+from common.evaluation.stats import mcnemar, paired_difference, percentile_interval, resample_weights
+from common.registers.modes import BASELINE
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +68,6 @@ METRIC_LABELS: dict[str, str] = {
     "manufacturer_top1": "manufacturer top-1",
 }
 TOP_K = 3
-ALPHA = 0.05  # the intervals are 95%; the verdicts test at 5%
-_TIE_TOL = 1e-12  # |difference| at or below this is a tie (floating-point noise)
 
 
 @dataclass
@@ -278,17 +214,7 @@ def ensemble_predictions(proba_per_seed) -> np.ndarray:
     return p.mean(axis=0)
 
 
-# --------------------------------------------------------------------------- fast bootstrap
-
-
-def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """Bootstrap resamples as multiplicities ``W [B, N]`` (float64): ``W[b, i]`` = how often
-    test row ``i`` was drawn in resample ``b``.  Indices from ``numpy.random.default_rng(seed)``."""
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise UserError(f"n_boot={n_boot!r} must be an integer >= 1 (bootstrap resamples)")
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
-    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+# --------------------------------------------------------------------------- metrics on resamples
 
 
 def _weighted_auc(WT: np.ndarray, pos: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -383,55 +309,6 @@ def _bootstrap_metrics(
     return {m: v for m, v in out.items() if m in wanted}
 
 
-# --------------------------------------------------------------------------- intervals and tests
-
-
-def _order_rank(n: int, alpha: float = ALPHA) -> int:
-    """``j = #{k >= 0 : 2k/n < alpha}``: the interval's order statistic (1-based) for ``n`` values.
-
-    Written with the same floating-point expression as :func:`_bootstrap_p`'s ``2k/n`` so that
-    ``p < alpha`` and "the interval excludes 0" are one statement (module docstring)."""
-    k = np.arange(n + 1)
-    return int(min(n, max(1, np.count_nonzero(2.0 * k / n < alpha))))
-
-
-def _interval(values: np.ndarray) -> tuple[float, float]:
-    """95% percentile interval ``(j-th smallest, j-th largest)`` of the finite ``values [B]``;
-    ``(nan, nan)`` when none is finite."""
-    v = np.sort(values[np.isfinite(values)])
-    if v.size == 0:
-        return math.nan, math.nan
-    j = _order_rank(v.size)
-    return float(v[j - 1]), float(v[v.size - j])
-
-
-def _bootstrap_p(diffs: np.ndarray) -> float:
-    """Two-sided paired-bootstrap p-value by percentile inversion over the finite ``diffs [B]``
-    (already tie-rounded): ``min(1, 2 min(#{d* <= 0}, #{d* >= 0}) / B)``; NaN when none."""
-    d = diffs[np.isfinite(diffs)]
-    if d.size == 0:
-        return math.nan
-    k = min(int(np.count_nonzero(d <= 0)), int(np.count_nonzero(d >= 0)))
-    return float(min(1.0, 2.0 * k / d.size))
-
-
-def _mcnemar(correct_base: np.ndarray, correct_mode: np.ndarray) -> tuple[int, int, float]:
-    """Exact McNemar on paired correctness ``[N]`` bools: ``(b, c, p)`` with ``b`` = baseline
-    right and mode wrong, ``c`` = the reverse, ``p`` two-sided binomial (1 when ``b + c = 0``)."""
-    b = int(np.count_nonzero(correct_base & ~correct_mode))
-    c = int(np.count_nonzero(~correct_base & correct_mode))
-    p = float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue) if b + c else 1.0
-    return b, c, p
-
-
-def _untie(x: np.ndarray) -> np.ndarray:
-    """Differences within :data:`_TIE_TOL` of 0 set to exactly 0 (equal metrics summed in another
-    order differ by ~1e-16 and must count as ties, not as an arbitrary side)."""
-    x = np.array(x, dtype=np.float64)
-    x[np.abs(x) <= _TIE_TOL] = 0.0
-    return x
-
-
 # --------------------------------------------------------------------------- the table
 
 
@@ -486,7 +363,7 @@ def evaluate_modes(
     probas = {mode: _check_proba(p, n, C, 3, f"{mode} probabilities per seed") for mode, p in proba_by_mode.items()}
     names = spec.names()
     # Row 0 is the full test set, rows 1.. the shared resamples: one code path for both.
-    W = np.vstack([np.ones((1, n)), _resample_weights(n, n_boot, seed)])
+    W = np.vstack([np.ones((1, n)), resample_weights(n, n_boot, seed)])
     ones = W[:1]
 
     values: dict[str, dict[str, np.ndarray]] = {}
@@ -501,7 +378,7 @@ def evaluate_modes(
         for m in names:
             boot = values[mode][m][1:]
             row[m] = float(values[mode][m][0])
-            row[f"{m}_lo"], row[f"{m}_hi"] = _interval(boot)
+            row[f"{m}_lo"], row[f"{m}_hi"] = percentile_interval(boot)
             row[f"{m}_seed_sd"] = float(np.std([d[m][0] for d in per_seed], ddof=1)) if per_seed else 0.0
             skipped = int(np.count_nonzero(~np.isfinite(boot)))
             if skipped:
@@ -514,80 +391,9 @@ def evaluate_modes(
         if mode == baseline:
             row.update({"p_mcnemar_top1": math.nan, "mcnemar_b": math.nan, "mcnemar_c": math.nan})
         else:
-            row["mcnemar_b"], row["mcnemar_c"], row["p_mcnemar_top1"] = _mcnemar(correct[baseline], correct[mode])
+            row["mcnemar_b"], row["mcnemar_c"], row["p_mcnemar_top1"] = mcnemar(correct[baseline], correct[mode])
         for m in names:
-            if mode == baseline:
-                row.update({f"{m}_diff": math.nan, f"{m}_diff_lo": math.nan, f"{m}_diff_hi": math.nan,
-                            f"p_{m}": math.nan})
-                continue
-            d = _untie(values[mode][m] - values[baseline][m])
-            row[f"{m}_diff"] = float(d[0])
-            if math.isnan(d[0]):  # undefined on the full test split: nothing to test
-                row[f"{m}_diff_lo"] = row[f"{m}_diff_hi"] = row[f"p_{m}"] = math.nan
-            else:
-                row[f"{m}_diff_lo"], row[f"{m}_diff_hi"] = _interval(d[1:])
-                row[f"p_{m}"] = _bootstrap_p(d[1:])
+            difference = ((math.nan,) * 4 if mode == baseline
+                          else paired_difference(values[mode][m], values[baseline][m]))
+            row[f"{m}_diff"], row[f"{m}_diff_lo"], row[f"{m}_diff_hi"], row[f"p_{m}"] = difference
     return pd.DataFrame([rows[mode] for mode in probas], columns=metric_columns(spec))
-
-
-# --------------------------------------------------------------------------- verdicts
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.3f}"
-
-
-def _p_text(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
-
-
-def verdicts(table: pd.DataFrame, *, mode: str = TTR, baseline: str = BASELINE, alpha: float = ALPHA) -> list[str]:
-    """One plain-English sentence per headline metric of ``table`` (an :func:`evaluate_modes`
-    table): is ``mode`` better, worse, or not detectably different from ``baseline``?
-
-    ``baseline`` names the baseline the table was computed against (its row carries no
-    differences).  The decision is ``p_m < alpha`` (paired bootstrap) and the sign of
-    ``m_diff``; the sentence quotes the difference, its 95% interval and ``p``.  At the default ``alpha = 0.05`` the
-    decision agrees exactly with the interval (``p < 0.05`` if and only if the 95% interval
-    excludes 0, module docstring); at another ``alpha`` the quoted interval is still the 95% one.
-    Every metric, top-1 included, is decided by its paired bootstrap (McNemar's exact p-value and
-    counts are in the table for the caller to quote beside it).  A metric whose difference is
-    undefined (e.g. no class usable for AUC) says so.
-    """
-    modes = list(table["mode"]) if "mode" in table.columns else []
-    for wanted in (mode, baseline):
-        if wanted not in modes:
-            raise UserError(f"no row for mode {wanted!r} in the metrics table; rows: {', '.join(map(str, modes))}")
-    # the differences on every row are against the baseline evaluate_modes used: its row has none
-    base_diffs = table.loc[table["mode"] == baseline, [c for c in table.columns if c.endswith("_diff")]]
-    if base_diffs.notna().to_numpy().any():
-        raise UserError(f"{baseline!r} is not the baseline this metrics table was computed against")
-    row = table.loc[table["mode"] == mode].iloc[0]
-    level = f"{alpha * 100:g}%"
-    in_table = [c[: -len("_diff")] for c in table.columns if c.endswith("_diff")]
-    present = [m for m in METRIC_LABELS if m in in_table] + sorted(set(in_table) - set(METRIC_LABELS))
-    sentences = []
-    for m in present:
-        label = METRIC_LABELS.get(m, m)
-        label = label[0].upper() + label[1:]
-        d, lo, hi, p = (float(row.get(f"{m}_diff", math.nan)), float(row.get(f"{m}_diff_lo", math.nan)),
-                        float(row.get(f"{m}_diff_hi", math.nan)), float(row.get(f"p_{m}", math.nan)))
-        if math.isnan(d) or math.isnan(p):
-            sentences.append(f"{label}: not testable on this test split (the metric is undefined for "
-                             f"{mode} or {baseline}).")
-            continue
-        ci = f"95% CI {_signed(lo)} to {_signed(hi)}"
-        # p = 0: no resample reached 0; the resolution is 2/B, so no smaller number is claimed
-        boot = "paired bootstrap p ≈ 0, no resample reached 0" if p == 0 else f"paired bootstrap {_p_text(p)}"
-        # direction from d; a significant d of exactly 0 (possible only for odd non-linear
-        # metrics) takes the side of its interval
-        side = np.sign(d) or np.sign(lo + hi)
-        if p < alpha and side > 0:
-            text = f"{mode} is better than {baseline} by {_signed(d)} ({ci}, {boot})."
-        elif p < alpha and side < 0:
-            text = f"{mode} is worse than {baseline} by {-d:.3f} (difference {_signed(d)}, {ci}, {boot})."
-        else:
-            text = (f"no detectable difference between {mode} and {baseline} at the {level} level "
-                    f"(difference {_signed(d)}, {ci}, {boot}).")
-        sentences.append(f"{label}: {text}")
-    return sentences

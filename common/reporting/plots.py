@@ -17,40 +17,26 @@ from a :class:`common.evaluation.analysis.Analysis` (:func:`write_outputs`).
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
-import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from common.evaluation.analysis import (  # noqa: E402
+from common.evaluation.analysis import (
     Analysis,
     layer_curve_table,
     outlier_markdown,
     outlier_table,
 )
-from common.io import save_figure, write_csv  # noqa: E402
-from common.registers.modes import BASELINE, REMOVED, TTR  # noqa: E402
+from common.io import write_csv
+from common.registers.modes import BASELINE, TTR
+from common.reporting.figures import COLOURS, plt, save_png
 
-DPI = 110
 MAX_MAP_LAYERS = 12
 MAX_HEADS_SHOWN = 4
-COLOURS = {BASELINE: "tab:orange", TTR: "tab:blue", REMOVED: "tab:red", "register": "tab:green"}
 NORM_CMAP = "viridis"
 ATTENTION_CMAP = "inferno"
-
-
-def _save(fig, path: Path) -> None:
-    """Atomic PNG write; the figure is always closed.  A file name with characters the font lacks
-    (CJK, say) is drawn with boxes for them; matplotlib's warning about it is not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
-        save_figure(fig, path, dpi=DPI, bbox_inches="tight", facecolor="white")
 
 
 def map_layers(num_layers: int, detect_layer: int, limit: int = MAX_MAP_LAYERS) -> list[int]:
@@ -138,7 +124,7 @@ def norm_maps(analysis: Analysis, index: int, path: Path) -> None:
         bar.set_label("L2 norm", fontsize=8)
     fig.suptitle(f"Image-patch norms per layer, no-ttr vs ttr\n{_wrap(analysis.figure_labels[index], 60)}\n"
                  "(one colour scale per row, shared by no-ttr and ttr)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _shown_heads(no: np.ndarray, limit: int) -> list[int]:
@@ -204,7 +190,7 @@ def attention_maps(analysis: Analysis, index: int, path: Path) -> None:
     fig.suptitle("CLS attention per head, no-ttr above ttr, at the detect layer and the last layer\n"
                  f"{_wrap(analysis.figure_labels[index], 80)}", fontsize=10, y=0.995)
     fig.subplots_adjust(top=1 - 0.8 / fig.get_figheight(), bottom=0.03, left=0.04, right=0.99)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _wrap(text: str, width: int) -> str:
@@ -256,7 +242,7 @@ def layer_curves(analysis: Analysis, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False, bbox_to_anchor=(0.5, -0.01))
     fig.suptitle("Layer curves: no-ttr vs ttr" + (f"\n{analysis.title}" if analysis.title else ""), fontsize=11)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def norm_histogram(analysis: Analysis, path: Path) -> None:
@@ -292,7 +278,7 @@ def norm_histogram(analysis: Analysis, path: Path) -> None:
     ax.grid(alpha=0.3, which="major")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def write_figures(analysis: Analysis, folder: Path) -> list[tuple[str, str]]:

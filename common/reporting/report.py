@@ -39,36 +39,29 @@ import math
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from common.errors import UserError, run_entry
-from common.evaluation.metrics import METRIC_LABELS
-from common.io import save_figure, write_csv, write_text
+from common.evaluation.stats import ALPHA, holm
+from common.io import write_csv, write_text
 from common.registers.modes import BASELINE, MODES, TTR
+from common.reporting.figures import forest_plot, save_png
+from common.reporting.format import (
+    P_ZERO_NOTE,
+    estimate,
+    in_report_order,
+    markdown_table,
+    metric_label,
+    number,
+    p_value,
+    percent,
+)
 
 log = logging.getLogger(__name__)
 
 MCNEMAR = "p_mcnemar_top1"
 OUTLIER_STATS = ("patch_share_above_threshold", "mean_max_patch_norm", "register_norm",
                  "cls_attention_entropy", "cls_attention_on_register")
-ALPHA = 0.05
-
-
-def holm(p_values) -> np.ndarray:
-    """Holm-adjusted p-values (NaN stays NaN and is not counted in the family)."""
-    p = np.asarray(p_values, dtype=float)
-    adjusted = np.full(p.shape, np.nan)
-    valid = np.flatnonzero(~np.isnan(p))
-    m = len(valid)
-    if m == 0:
-        return adjusted
-    order = valid[np.argsort(p[valid], kind="stable")]
-    running = 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[index]))
-        adjusted[index] = running
-    return adjusted
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +128,7 @@ def _metric_names(runs: list[dict]) -> list[str]:
         columns = run["metrics"].columns
         present |= {c for c in columns
                     if f"{c}_lo" in columns and f"{c}_hi" in columns and not c.endswith("_diff")}
-    return [m for m in METRIC_LABELS if m in present] + sorted(present - set(METRIC_LABELS))
+    return in_report_order(present)
 
 
 def _modes_in_order(metrics: pd.DataFrame) -> list[str]:
@@ -181,26 +174,6 @@ def build_table(runs: list[dict]) -> pd.DataFrame:
 # writing
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _f(value: float, digits: int = 3) -> str:
-    return "–" if _missing(value) else f"{value:.{digits}f}"
-
-
-def _signed(value: float) -> str:
-    return "–" if _missing(value) else f"{value:+.3f}"
-
-
-def _p(value: float) -> str:
-    if _missing(value):
-        return "–"
-    if value == 0:
-        return "0 (< 2/B)"  # no resample reached 0; the bootstrap p-value's resolution is 2/B
-    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
-
-
 def _names(table: pd.DataFrame) -> list[str]:
     return [c[: -len("_seed_sd")] for c in table.columns if c.endswith("_seed_sd")]
 
@@ -216,15 +189,12 @@ def markdown(table: pd.DataFrame) -> str:
 
     lines += ["## Metrics per run and mode", "",
               "Each mode's prediction is its probe seeds' ensemble (mean probability); value [95% percentile "
-              "bootstrap interval over test images], then the standard deviation of the per-seed values.", "",
-              "| run | dataset | backbone | mode | " + " | ".join(METRIC_LABELS.get(m, m) for m in names) + " |",
-              "|---|---|---|---|" + "---|" * len(names)]
-    for _, row in table.iterrows():
-        cells = ["–" if _missing(row[m]) else
-                 f"{_f(row[m])} [{_f(row[m + '_lo'])}, {_f(row[m + '_hi'])}] sd {_f(row[m + '_seed_sd'])}"
-                 for m in names]
-        lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {row['mode']} | "
-                     + " | ".join(cells) + " |")
+              "bootstrap interval over test images], then the standard deviation of the per-seed values.", ""]
+    lines += markdown_table(
+        ["run", "dataset", "backbone", "mode", *map(metric_label, names)],
+        [[row["run"], row["dataset"], row["backbone"], row["mode"],
+          *(estimate(row[m], row[f"{m}_lo"], row[f"{m}_hi"], sd=row[f"{m}_seed_sd"]) for m in names)]
+         for _, row in table.iterrows()])
     others = sorted(set(table["mode"]) - set(MODES))
     if others:
         lines += ["", f"Rows other than {BASELINE} and {TTR} are listed above and in report.csv (with the "
@@ -235,42 +205,35 @@ def markdown(table: pd.DataFrame) -> str:
     lines += ["", f"## {TTR} minus {BASELINE} per run (paired on the same test images)", "",
               "Difference of the ensembles' metric with its 95% paired-bootstrap interval (the same resamples "
               "for both modes), the two-sided paired-bootstrap p-value, and that p-value Holm-adjusted across "
-              f"the {runs} run(s).", "",
-              "| run | dataset | backbone | metric | difference [95% CI] | p | p Holm |",
-              "|---|---|---|---|---|---|---|"]
-    for _, row in ttr.iterrows():
-        for m in names:
-            if _missing(row[f"{m}_diff"]):
-                continue
-            lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {METRIC_LABELS.get(m, m)} | "
-                         f"{_signed(row[f'{m}_diff'])} [{_signed(row[f'{m}_diff_lo'])}, "
-                         f"{_signed(row[f'{m}_diff_hi'])}] | {_p(row[f'p_{m}'])} | {_p(row[f'p_{m}_holm'])} |")
-    lines += ["", "## Exact McNemar test on top-1 correctness", "",
-              f"| run | dataset | backbone | only {TTR} right | only {BASELINE} right | p | p Holm |",
-              "|---|---|---|---|---|---|---|"]
-    for _, row in ttr.iterrows():
-        counts = ["–" if _missing(row[k]) else str(int(row[k])) for k in ("mcnemar_c", "mcnemar_b")]
-        lines.append(f"| {row['run']} | {row['dataset']} | {row['backbone']} | {counts[0]} | {counts[1]} | "
-                     f"{_p(row[MCNEMAR])} | {_p(row[MCNEMAR + '_holm'])} |")
+              f"the {runs} run(s).", ""]
+    lines += markdown_table(
+        ["run", "dataset", "backbone", "metric", "difference [95% CI]", "p", "p Holm"],
+        [[row["run"], row["dataset"], row["backbone"], metric_label(m),
+          estimate(row[f"{m}_diff"], row[f"{m}_diff_lo"], row[f"{m}_diff_hi"], sign=True),
+          p_value(row[f"p_{m}"]), p_value(row[f"p_{m}_holm"])]
+         for _, row in ttr.iterrows() for m in names if pd.notna(row[f"{m}_diff"])])
+    lines += ["", "## Exact McNemar test on top-1 correctness", ""]
+    lines += markdown_table(
+        ["run", "dataset", "backbone", f"only {TTR} right", f"only {BASELINE} right", "p", "p Holm"],
+        [[row["run"], row["dataset"], row["backbone"], number(row["mcnemar_c"], 0), number(row["mcnemar_b"], 0),
+          p_value(row[MCNEMAR]), p_value(row[MCNEMAR + "_holm"])] for _, row in ttr.iterrows()])
     lines += ["",
               f"**Multiplicity.** Each p-value tests one run's {TTR}-vs-{BASELINE} hypothesis; with {runs} run(s) and "
-              f"up to {len(names) + 1} tests per run, some p-values fall below 0.05 by chance. \"p Holm\" is the Holm "
-              "step-down adjustment, which controls the family-wise error rate; the family is all runs given here, "
-              "separately for each test (the paired bootstrap of each metric is one family, McNemar another). "
+              f"up to {len(names) + 1} tests per run, some p-values fall below {ALPHA:g} by chance. \"p Holm\" is the "
+              "Holm step-down adjustment, which controls the family-wise error rate; the family is all runs given "
+              "here, separately for each test (the paired bootstrap of each metric is one family, McNemar another). "
               "A run without that p-value is left out of the family. Read a difference as established across runs "
-              "only where its Holm-adjusted p is below 0.05. A bootstrap p shown as 0 means no resample of the "
-              "difference reached 0 (p < 2/B for B resamples)."]
+              f"only where its Holm-adjusted p is below {ALPHA:g}. {P_ZERO_NOTE}"]
 
     if table[list(OUTLIER_STATS)].notna().any().any():
-        lines += ["", "## Outlier tokens (outliers.csv)", "",
-                  "| run | mode | patches above threshold | mean max patch norm | register norm | "
-                  "CLS attention entropy | CLS attention on register |",
-                  "|---|---|---|---|---|---|---|"]
-        for _, row in table[table[list(OUTLIER_STATS)].notna().any(axis=1)].iterrows():
-            share = row["patch_share_above_threshold"]
-            lines.append(f"| {row['run']} | {row['mode']} | {'–' if _missing(share) else _f(share * 100, 2) + '%'}"
-                         f" | {_f(row['mean_max_patch_norm'], 1)} | {_f(row['register_norm'], 1)}"
-                         f" | {_f(row['cls_attention_entropy'])} | {_f(row['cls_attention_on_register'])} |")
+        lines += ["", "## Outlier tokens (outliers.csv)", ""]
+        lines += markdown_table(
+            ["run", "mode", "patches above threshold", "mean max patch norm", "register norm",
+             "CLS attention entropy", "CLS attention on register"],
+            [[row["run"], row["mode"], percent(row["patch_share_above_threshold"]),
+              number(row["mean_max_patch_norm"], 1), number(row["register_norm"], 1),
+              number(row["cls_attention_entropy"]), number(row["cls_attention_on_register"])]
+             for _, row in table[table[list(OUTLIER_STATS)].notna().any(axis=1)].iterrows()])
     lines += ["", f"![{TTR} minus {BASELINE} per run and metric, 95% paired-bootstrap intervals](report.png)", ""]
     return "\n".join(lines)
 
@@ -286,55 +249,17 @@ def _run_axis_labels(ttr: pd.DataFrame) -> list[str]:
 
 def figure(table: pd.DataFrame):
     """Forest plot: per metric one panel, per run the ttr - no-ttr difference with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ttr = table[table["mode"] == TTR].reset_index(drop=True)
     names = [m for m in _names(table) if ttr[f"{m}_diff"].notna().any()] or ["top1"]
-    columns = min(3, len(names))
-    grid_rows = math.ceil(len(names) / columns)
     labels = _run_axis_labels(ttr)
-    lines_per_run = max(label.count("\n") + 1 for label in labels)
-    panel_height = 0.9 + (0.28 + 0.17 * lines_per_run) * len(ttr)
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.6 * columns + 1.6, panel_height * grid_rows + 1.0),
-                             squeeze=False, sharey=True)
-    y = np.arange(len(ttr))[::-1]  # first run on top
-    for ax, m in zip(axes.flat, names):
-        diff = ttr[f"{m}_diff"].to_numpy(float)
-        lo, hi = ttr[f"{m}_diff_lo"].to_numpy(float), ttr[f"{m}_diff_hi"].to_numpy(float)
-        p_holm = ttr[f"p_{m}_holm"].to_numpy(float)
-        ax.axvline(0.0, color="0.4", lw=1.0, zorder=1)
-        finite = np.isfinite(diff)
-        ax.errorbar(diff[finite], y[finite], xerr=np.clip(np.vstack([diff - lo, hi - diff])[:, finite], 0, None),
-                    fmt="none", ecolor="tab:blue", elinewidth=1.6, capsize=4, zorder=2)
-        significant = finite & (p_holm < ALPHA)
-        ax.scatter(diff[significant], y[significant], s=42, color="tab:blue", zorder=3,
-                   label="Holm-adjusted p < 0.05")
-        ax.scatter(diff[finite & ~significant], y[finite & ~significant], s=42, facecolor="white",
-                   edgecolor="tab:blue", linewidth=1.5, zorder=3, label="Holm-adjusted p ≥ 0.05")
-        span = np.nanmax(np.abs(np.r_[lo[finite], hi[finite], 0.01])) if finite.any() else 0.05
-        ax.set_xlim(-1.15 * span, 1.15 * span)
-        for k in np.flatnonzero(~finite):
-            ax.text(0.0, y[k], "not reported", ha="center", va="center", fontsize=9, color="0.35", zorder=4,
-                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5})
-        ax.set_title(METRIC_LABELS.get(m, m), fontsize=11)
-        ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(axis="x", labelsize=9)
-        ax.set_xlabel(f"{TTR} − {BASELINE}", fontsize=9)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    for ax in axes[:, 0]:
-        ax.set_yticks(y, labels, fontsize=9)
-    axes[0, 0].set_ylim(-0.6, len(ttr) - 0.4)
-    handles, names_ = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names_, loc="lower center", ncol=2, fontsize=9, frameon=False)
-    fig.suptitle(f"{TTR} minus {BASELINE} per run: difference of the seed ensembles with its 95% "
-                 f"paired-bootstrap interval\n(filled: Holm-adjusted p < 0.05 across the {len(ttr)} run(s), "
-                 "each metric separately)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return fig
+    differences = pd.DataFrame([{"entry": label, "group": "probe", "metric": m, "diff": row[f"{m}_diff"],
+                                 "diff_lo": row[f"{m}_diff_lo"], "diff_hi": row[f"{m}_diff_hi"],
+                                 "p_holm": row[f"p_{m}_holm"]}
+                                for label, (_, row) in zip(labels, ttr.iterrows()) for m in names])
+    return forest_plot(differences, names,
+                       f"{TTR} minus {BASELINE} per run: difference of the seed ensembles with its 95% paired-"
+                       f"bootstrap interval\n(filled: Holm-adjusted p < {ALPHA:g} across the {len(ttr)} run(s), "
+                       "each metric separately)")
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:
@@ -346,7 +271,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:
     out = Path(out)
     write_csv(out / "report.csv", table)
     write_text(out / "report.md", markdown(table))
-    save_figure(figure(table), out / "report.png", dpi=110, bbox_inches="tight", facecolor="white")
+    save_png(figure(table), out / "report.png")
     return table
 
 

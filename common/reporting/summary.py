@@ -10,58 +10,99 @@ run's settings and the figures.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from common.app.runstate import RunState
+from common.errors import UserError
 from common.evaluation.analysis import outlier_effect
-from common.evaluation.metrics import verdicts
+from common.evaluation.metrics import METRIC_LABELS
+from common.evaluation.stats import ALPHA
 from common.io import write_text
 from common.registers.modes import BASELINE, TTR
+from common.reporting.format import (
+    estimate,
+    in_report_order,
+    interval,
+    markdown_table,
+    metric_label,
+    number,
+    p_text,
+    p_value,
+    signed,
+)
 
-METRIC_NAMES = {
-    "top1": "top-1 accuracy", "top3": "top-3 accuracy", "f1_macro": "macro F1",
-    "precision_macro": "macro precision", "recall_macro": "macro recall", "auc_macro": "macro one-vs-rest AUC",
-    "balanced_accuracy": "balanced accuracy", "qwk": "quadratic weighted kappa",
-    "manufacturer_top1": "manufacturer top-1",
-}
-
-
-def _fmt(value, digits: int = 3, sign: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
-def _p(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return "<0.001" if value < 1e-3 else f"{value:.3f}"
+if TYPE_CHECKING:  # the run's state is built by the app layer, above this one
+    from common.app.runstate import RunState
 
 
-def metric_names(table: pd.DataFrame) -> list[str]:
-    return [m for m in METRIC_NAMES if m in table.columns]
+def verdicts(table: pd.DataFrame, *, mode: str = TTR, baseline: str = BASELINE, alpha: float = ALPHA) -> list[str]:
+    """One plain-English sentence per headline metric of ``table`` (a ``metrics.csv`` table of
+    :func:`common.evaluation.metrics.evaluate_modes`): is ``mode`` better, worse, or not detectably
+    different from ``baseline``?
+
+    ``baseline`` names the baseline the table was computed against (its row carries no
+    differences).  The decision is ``p_m < alpha`` (paired bootstrap) and the sign of
+    ``m_diff``; the sentence quotes the difference, its 95% interval and ``p``.  At the default
+    ``alpha = 0.05`` the decision agrees exactly with the interval (``p < 0.05`` if and only if
+    the 95% interval excludes 0, :mod:`common.evaluation.stats`); at another ``alpha`` the quoted
+    interval is still the 95% one.  Every metric, top-1 included, is decided by its paired
+    bootstrap (McNemar's exact p-value and counts are in the table for the caller to quote beside
+    it).  A metric whose difference is undefined (e.g. no class usable for AUC) says so.
+    """
+    modes = list(table["mode"]) if "mode" in table.columns else []
+    for wanted in (mode, baseline):
+        if wanted not in modes:
+            raise UserError(f"no row for mode {wanted!r} in the metrics table; rows: {', '.join(map(str, modes))}")
+    # the differences on every row are against the baseline evaluate_modes used: its row has none
+    base_diffs = table.loc[table["mode"] == baseline, [c for c in table.columns if c.endswith("_diff")]]
+    if base_diffs.notna().to_numpy().any():
+        raise UserError(f"{baseline!r} is not the baseline this metrics table was computed against")
+    row = table.loc[table["mode"] == mode].iloc[0]
+    level = f"{alpha * 100:g}%"
+    sentences = []
+    for m in in_report_order(c[: -len("_diff")] for c in table.columns if c.endswith("_diff")):
+        label = metric_label(m, capital=True)
+        d, lo, hi, p = (float(row.get(f"{m}_diff", math.nan)), float(row.get(f"{m}_diff_lo", math.nan)),
+                        float(row.get(f"{m}_diff_hi", math.nan)), float(row.get(f"p_{m}", math.nan)))
+        if math.isnan(d) or math.isnan(p):
+            sentences.append(f"{label}: not testable on this test split (the metric is undefined for "
+                             f"{mode} or {baseline}).")
+            continue
+        ci = f"95% CI {interval(lo, hi, sign=True)}"
+        boot = f"paired bootstrap {p_text(p)}" + (", no resample reached 0" if p == 0 else "")
+        # direction from d; a significant d of exactly 0 (possible only for odd non-linear
+        # metrics) takes the side of its interval
+        side = np.sign(d) or np.sign(lo + hi)
+        if p < alpha and side > 0:
+            text = f"{mode} is better than {baseline} by {signed(d)} ({ci}, {boot})."
+        elif p < alpha and side < 0:
+            text = f"{mode} is worse than {baseline} by {number(-d)} (difference {signed(d)}, {ci}, {boot})."
+        else:
+            text = (f"no detectable difference between {mode} and {baseline} at the {level} level "
+                    f"(difference {signed(d)}, {ci}, {boot}).")
+        sentences.append(f"{label}: {text}")
+    return sentences
 
 
 def results_table(table: pd.DataFrame, baseline: str, mode: str) -> list[str]:
     """Markdown rows: per metric, both modes with interval and seed spread, the difference with its
     interval and the paired p-value."""
     rows = table.set_index("mode")
-    lines = [f"| metric | {baseline} | {mode} | {mode} − {baseline} [95% CI] | p (paired bootstrap) |",
-             "|---|---|---|---|---|"]
-    for name in metric_names(table):
-        cells = []
-        for m in (baseline, mode):
-            row = rows.loc[m]
-            sd = row.get(f"{name}_seed_sd", float("nan"))
-            cells.append(f"{_fmt(row[name])} [{_fmt(row[name + '_lo'])}, {_fmt(row[name + '_hi'])}]"
-                         + (f" ± {_fmt(sd)}" if isinstance(sd, float) and np.isfinite(sd) and sd > 0 else ""))
-        row = rows.loc[mode]
-        difference = (f"{_fmt(row.get(name + '_diff'), sign=True)} [{_fmt(row.get(name + '_diff_lo'), sign=True)}, "
-                      f"{_fmt(row.get(name + '_diff_hi'), sign=True)}]")
-        lines.append(f"| {METRIC_NAMES[name]} | {cells[0]} | {cells[1]} | {difference} | {_p(row.get('p_' + name))} |")
-    return lines
+
+    def value(m: str, name: str) -> str:
+        row = rows.loc[m]
+        sd = row.get(f"{name}_seed_sd", math.nan)
+        return estimate(row[name], row[f"{name}_lo"], row[f"{name}_hi"], sd=sd if sd > 0 else None)
+
+    row = rows.loc[mode]
+    return markdown_table(
+        ["metric", baseline, mode, f"{mode} − {baseline} [95% CI]", "p (paired bootstrap)"],
+        [[metric_label(name), value(baseline, name), value(mode, name),
+          estimate(row.get(f"{name}_diff"), row.get(f"{name}_diff_lo"), row.get(f"{name}_diff_hi"), sign=True),
+          p_value(row.get(f"p_{name}"))]
+         for name in in_report_order(set(table.columns) & set(METRIC_LABELS))])
 
 
 def write_summary(state: RunState, extra_sections: list[str]) -> None:
@@ -84,7 +125,7 @@ def write_summary(state: RunState, extra_sections: list[str]) -> None:
         if effect:
             lines += ["", effect]
     rows = metrics.set_index("mode")
-    lines += ["", f"Exact McNemar test on top-1 correctness: p = {_p(rows.loc[TTR].get('p_mcnemar_top1'))} "
+    lines += ["", f"Exact McNemar test on top-1 correctness: {p_text(rows.loc[TTR].get('p_mcnemar_top1'))} "
               f"({int(rows.loc[TTR].get('mcnemar_c', 0))} images only ttr gets right, "
               f"{int(rows.loc[TTR].get('mcnemar_b', 0))} only no-ttr). These p-values are for this one run: when "
               "many datasets, backbones or settings are compared, correct for multiplicity (Holm or "
@@ -96,8 +137,8 @@ def write_summary(state: RunState, extra_sections: list[str]) -> None:
 
     lines += ["", "## Results", ""] + results_table(metrics, BASELINE, TTR)
     lines += ["", "Values: the seed ensemble's metric with its 95% percentile bootstrap interval "
-              f"({config['bootstrap_resamples']} resamples of the test set) and ± the standard deviation of the "
-              "per-seed metrics. Rates are fractions; kappa is in [-1, 1]."]
+              f"({config['bootstrap_resamples']} resamples of the test set) and, after sd, the standard deviation of "
+              "the per-seed metrics where it is above 0. Rates are fractions; kappa is in [-1, 1]."]
     auc_classes = rows.loc[TTR].get("auc_classes")
     if auc_classes is not None and np.isfinite(auc_classes):
         lines[-1] += f" AUC averages over the {int(auc_classes)} classes present in the test split."

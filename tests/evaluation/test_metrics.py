@@ -1,6 +1,8 @@
 """Metrics, bootstrap intervals and paired tests, checked against scikit-learn / scipy called
 here directly (plain loops over the same resample indices) and against small hand-computed
-cases (docs/run.md).  The calibration of the p-values is in ``test_metrics_calibration.py``."""
+cases (docs/run.md).  The calibration of the p-values is in ``test_metrics_calibration.py``, the
+statistics' building blocks (interval, p-value, McNemar, Holm) in ``test_stats.py`` and the
+sentences written from these tables in ``tests/reporting/test_summary.py``."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import math
 import warnings
 
 import numpy as np
-import pandas as pd
 import pandas.testing as pd_testing
 import pytest
 from scipy.stats import binomtest
@@ -32,7 +33,6 @@ from common.evaluation.metrics import (
     ensemble_predictions,
     evaluate_modes,
     metric_columns,
-    verdicts,
 )
 
 MAKERS = ["Medtronic", "Medtronic", "Boston", "Biotronik"]  # manufacturer per class 0..3
@@ -319,8 +319,6 @@ def test_issue_example_no_longer_disagrees_with_itself():
     assert table.loc["ttr", "top1_diff"] == pytest.approx((c_ - b) / n) == pytest.approx(-0.03)
     assert table.loc["ttr", "top1_diff_hi"] <= 0
     assert table.loc["ttr", "p_mcnemar_top1"] == pytest.approx(binomtest(3, 3, 0.5).pvalue)
-    sentence = verdicts(table.reset_index())[0]
-    assert sentence.startswith("Top-1 accuracy:") and "better" not in sentence and "-0.030" in sentence
 
 
 def test_identical_modes_give_p_one_and_zero_difference():
@@ -336,7 +334,6 @@ def test_identical_modes_give_p_one_and_zero_difference():
         assert ttr[f"p_{m}"] == 1.0, m
         assert ttr[f"{m}_diff"] == ttr[f"{m}_diff_lo"] == ttr[f"{m}_diff_hi"] == 0.0, m
         assert ttr[m] == pytest.approx(table.loc["no-ttr", m], abs=1e-12)
-    assert all("no detectable difference" in s for s in verdicts(table.reset_index()))
 
 
 def test_equal_metrics_of_different_predictions_are_a_tie():
@@ -393,8 +390,6 @@ def test_undefined_auc_resamples_are_skipped_and_an_undefined_auc_is_untestable(
     assert np.isnan(row[["auc_macro", "auc_macro_lo", "auc_macro_diff", "auc_macro_diff_lo", "p_auc_macro"]]
                     .to_numpy(float)).all()
     assert np.isfinite(row["p_top1"])
-    sentence = [s for s in verdicts(table) if s.startswith("Macro one-vs-rest AUC")]
-    assert sentence and "not testable" in sentence[0]
 
 
 def test_single_seed_modes_and_dict_order():
@@ -462,44 +457,6 @@ def test_bad_inputs_to_evaluate_modes_raise_user_error():
         evaluate_modes(y, {"no-ttr": good}, spec, n_boot=0)
     with pytest.raises(UserError, match="label 3 is outside"):
         evaluate_modes(np.array([0, 1, 3, 1]), {"no-ttr": good}, spec, n_boot=10)
-    with pytest.raises(UserError, match="no row for mode 'ttr'"):
-        verdicts(evaluate_modes(y, {"no-ttr": good}, spec, n_boot=10))
-    swapped = evaluate_modes(y, {"no-ttr": good, "ttr": good[::-1]}, spec, n_boot=10, baseline="ttr")
-    with pytest.raises(UserError, match="'no-ttr' is not the baseline"):
-        verdicts(swapped)
-    assert len(verdicts(swapped, mode="no-ttr", baseline="ttr")) == len(METRICS)
-
-
-# --------------------------------------------------------------------------- verdicts
-
-
-def _row(**values) -> dict:
-    return {"mode": "ttr", **values}
-
-
-def test_verdict_sentences():
-    table = pd.DataFrame([
-        {"mode": "no-ttr"},
-        _row(top1_diff=0.031, top1_diff_lo=0.008, top1_diff_hi=0.054, p_top1=0.012,
-             p_mcnemar_top1=0.02, mcnemar_b=6, mcnemar_c=14,
-             f1_macro_diff=-0.0412, f1_macro_diff_lo=-0.07, f1_macro_diff_hi=-0.011, p_f1_macro=0.004,
-             qwk_diff=-0.004, qwk_diff_lo=-0.030, qwk_diff_hi=0.021, p_qwk=0.74,
-             auc_macro_diff=0.05, auc_macro_diff_lo=0.02, auc_macro_diff_hi=0.08, p_auc_macro=0.0),
-    ])
-    got = verdicts(table)
-    assert got == [
-        "Top-1 accuracy: ttr is better than no-ttr by +0.031 (95% CI +0.008 to +0.054, paired bootstrap "
-        "p = 0.012).",
-        "Macro F1: ttr is worse than no-ttr by 0.041 (difference -0.041, 95% CI -0.070 to -0.011, "
-        "paired bootstrap p = 0.004).",
-        "Macro one-vs-rest AUC: ttr is better than no-ttr by +0.050 (95% CI +0.020 to +0.080, "
-        "paired bootstrap p ≈ 0, no resample reached 0).",
-        "Quadratic weighted kappa: no detectable difference between ttr and no-ttr at the 5% level "
-        "(difference -0.004, 95% CI -0.030 to +0.021, paired bootstrap p = 0.74).",
-    ]
-    # alpha moves the decision (the quoted interval stays the 95% one)
-    assert "no detectable difference" in verdicts(table, alpha=0.01)[0]
-    assert "at the 1% level" in verdicts(table, alpha=0.01)[0]
 
 
 def test_p_value_and_interval_always_agree():
@@ -520,7 +477,4 @@ def test_p_value_and_interval_always_agree():
             excludes_zero = ttr[f"{m}_diff_lo"] > 0 or ttr[f"{m}_diff_hi"] < 0
             assert significant == excludes_zero, (m, shift, n_boot, ttr[f"p_{m}"])
             seen.add(bool(significant))
-        for sentence in verdicts(table):
-            lo, hi = (float(x) for x in sentence.split("95% CI ")[1].split(",")[0].split(" to "))
-            assert ("no detectable" in sentence) == (lo <= 0 <= hi), sentence
     assert seen == {True, False}  # both outcomes were exercised
