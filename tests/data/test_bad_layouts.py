@@ -47,6 +47,13 @@ from badinput import (
 
 # ---------------------------------------------------------------- pacemaker
 
+
+def _not_named(*names: str):
+    def check(ctx: Ctx, result: Result) -> None:
+        for name in names:
+            assert name not in result.err, f"{name!r} should not be named:\n{result.err[-3000:]}"
+    return check
+
 def pm_missing(ctx):
     return check_data(ctx.inp / "no such folder")
 
@@ -334,8 +341,9 @@ PACEMAKER_CASES = [
          check=_splits_has(absent=("stray.png",))),
     Case("pacemaker-extra-folder-beside-split-folders-ignored-with-warning-exit0", "pacemaker",
          pm_extra_folder, 0, ("docs", "ignoring 1 folder"), check=_splits_has(absent=("figure1.png",))),
-    Case("pacemaker-readme-xlsx-thumbs-db-ds-store-ignored-silently-exit0", "pacemaker", pm_non_images, 0,
-         check=_both(_no_skip_warning, _count_rows(18))),
+    Case("pacemaker-readme-and-xlsx-named-as-not-used-thumbs-db-ds-store-silent-exit0", "pacemaker", pm_non_images, 0,
+         ("ignoring 2 file(s)", "Train/MDT - Adapta/README.txt", "Train/MDT - Adapta/labels.xlsx"),
+         check=_both(_no_skip_warning, _count_rows(18), _not_named("Thumbs.db", ".DS_Store", "desktop.ini"))),
     Case("pacemaker-class-only-in-test-warned-exit0", "pacemaker", pm_class_only_in_test, 0,
          ("BOS - Accolade", "no train images")),
     Case("pacemaker-lowercase-split-folders-and-valid-folder-used-as-val-exit0", "pacemaker",

@@ -25,7 +25,7 @@ def _write(tmp_path: Path, name: str, im: Image.Image, **kw) -> Path:
 
 
 def test_image_suffixes_are_lowercase_and_complete():
-    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
 
 
 @pytest.mark.parametrize("name", [".hidden.png", ".DS_Store", "Thumbs.db", "thumbs.db",
@@ -50,7 +50,7 @@ def test_check_image_flags_truncated_png_and_jpeg(tmp_path):
         path = _write(tmp_path, name, _noise_rgb())
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-        assert check_image(path) == "truncated", name
+        assert check_image(path) == "truncated (incomplete download: download it again)", name
 
 
 def test_check_image_allows_zero_padding_after_jpeg_eoi(tmp_path):
