@@ -24,26 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data.dataset import (
-    DatasetKind,
-    Found,
-    Notes,
-    Painter,
-    SyntheticSpec,
-    absolute,
-    first_few,
-    found_table,
-    int_like,
-    printable,
-)
-from common.data.folders import (
-    find_child,
-    image_files,
-    image_folder,
-    listdir,
-    shown_folder,
-    strip_folder_prefix,
-)
+from common.data.dataset import (DatasetKind, Found, Notes, Painter, SyntheticSpec, absolute, first_few,
+                                 found_table, int_like, printable)
+from common.data.folders import (find_child, image_files, image_folder, listdir, shown_folder,
+                                 strip_folder_prefix)
 from common.data.images import IMAGE_SUFFIXES
 from common.data.manifest import cut_short, header, raw_labels, read_csv
 from common.errors import UserError
@@ -222,11 +206,7 @@ def _write_synthetic(root: Path, classes: int, per_class: int, layout: str, pain
 
 
 DATASET = DatasetKind(
-    name="aptos",
-    expected=EXPECTED,
-    read=_read,
-    label_to_class=aptos_class,
-    labels_known=KNOWN,
+    name="aptos", expected=EXPECTED, read=_read, label_to_class=aptos_class, labels_known=KNOWN,
     layout_folders=frozenset({"train_images", "val_images", "test_images"}),
     synthetic=SyntheticSpec(layouts=("three_way", "three_way_single", "competition", "competition_doubled"),
                             default_classes=len(APTOS_CLASSES), max_classes=len(APTOS_CLASSES),

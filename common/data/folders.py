@@ -44,15 +44,18 @@ def image_files(files: Iterable[Path]) -> list[Path]:
 
 def walk(folder: Path, loops: list[Path] | None = None) -> Iterator[tuple[Path, list[Path], list[Path]]]:
     """``(folder, subfolders, files)`` top-down under ``folder``, sorted, litter left out, symlinked
-    folders followed once each; a link to a folder already visited is appended to ``loops``."""
+    folders followed once each; a link to a folder already visited or to a parent of the folder
+    it is in is appended to ``loops``."""
     seen = {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = os.path.realpath(dirpath) + os.sep
         kept = []
         for name in sorted(dirnames):
             if is_ignored(name):
                 continue
             real = os.path.realpath(os.path.join(dirpath, name))
-            if real in seen:
+            # A folder seen already, or one this folder lies inside (a link to a parent), is a loop.
+            if real in seen or here.startswith(real + os.sep):
                 if loops is not None:
                     loops.append(Path(dirpath) / name)
                 continue
@@ -155,6 +158,14 @@ def class_folders(root: Path, notes: Notes, *, class_of=lambda name: name, namin
     Returns ``(found table, layout text)`` with the folder name as raw label.
     """
     splits = split_folders(root)
+    split_of_root = SPLIT_FOLDER_NAMES.get(root.name.lower())
+    if not splits and split_of_root:
+        siblings = [d.name for d in listdir(root.parent)[0] if SPLIT_FOLDER_NAMES.get(d.name.lower(), split_of_root)
+                    != split_of_root]
+        if siblings:
+            notes.warn(f"the image path is the {printable(root.name)}/ split folder: {first_few(printable(s) + '/' for s in siblings)} "
+                       f"beside it {'is' if len(siblings) == 1 else 'are'} not read and the splits are carved from it; "
+                       f"pass {printable(root.parent)} to keep the official split")
     if splits:
         if "train" not in splits:
             raise UserError(

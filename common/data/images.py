@@ -211,6 +211,9 @@ def load_rgb(path: str | Path, shown: str | None = None) -> Image.Image:
     except (OSError, SyntaxError, EOFError, ValueError, IndexError,
             Image.DecompressionBombError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if "truncat" in reason.lower() or isinstance(exc, EOFError):
+            raise UserError(f"cannot decode image {shown or path}: it is {TRUNCATED}, or remove it and run "
+                            "again") from None
         raise UserError(
             f"cannot decode image {shown or path}: {reason}; replace or remove the file and run again"
         ) from None

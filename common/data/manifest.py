@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import csv as csv_module
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def header(csv: Path) -> list[str] | None:
     except _READ_ERRORS:
         return None
     if any(has_surrogates(c) for c in columns):
-        raise _not_utf8(csv, f"column names {first_few(repr(printable(c)) for c in columns)}")
+        shown = ", ".join(printable(c) for c in columns)
+        raise _not_utf8(csv, f"column names {shown}")
     return columns
 
 
@@ -154,7 +156,7 @@ def class_names(values: pd.Series, to_class: Callable[[str], str | None], csv: P
     garbled = [i + 2 for i, v in enumerate(values) if has_surrogates(v)]
     if garbled:
         raise _not_utf8(csv, f"{column} on line(s) {first_few(map(str, garbled))}, e.g. "
-                             f"{printable(values.iloc[garbled[0] - 2])!r}")
+                             f"'{printable(values.iloc[garbled[0] - 2])}'")
     empty = [i + 2 for i, v in enumerate(values) if not v]  # +2: header line, 1-based
     if empty:
         raise (cut_short(cells, csv, empty[0], f"empty {column}") if len(empty) == 1 else None) or UserError(
@@ -184,6 +186,17 @@ def generic_class(label: str) -> str:
     return str(int(label)) if int_like(label) else label
 
 
+def _listed_path(csv: Path, cell: str) -> str:
+    """The absolute path of a path cell: relative to the CSV's folder; a CSV written on Windows
+    (``images\\a.png``) names ``images/a.png`` when only that exists."""
+    path = absolute(Path(cell) if Path(cell).is_absolute() else csv.parent / cell)
+    if "\\" in cell and os.sep == "/" and not os.path.exists(path):
+        posix = absolute(csv.parent / cell.replace("\\", "/"))
+        if os.path.isfile(posix):
+            return posix
+    return path
+
+
 def read_manifest(csv: Path, to_class: Callable[[str], str | None], known: str, notes: Notes,
                   *, on_missing: str = "error") -> Found:
     """Read a ``path,label[,split]`` CSV.  Relative paths resolve against the CSV's folder.
@@ -207,7 +220,7 @@ def read_manifest(csv: Path, to_class: Callable[[str], str | None], known: str, 
         raise UserError(f"manifest {printable(csv)} has no rows; add one row per image (path,label[,split])")
     names = class_names(frame[label_col], to_class, csv, label_col, known)
     splits = split_names(frame[split_col], csv, split_col) if split_col else [None] * len(frame)
-    paths = [absolute(Path(p) if Path(p).is_absolute() else csv.parent / p) for p in frame[path_col]]
+    paths = [_listed_path(csv, cell) for cell in frame[path_col]]
     present = [Path(p).is_file() for p in paths]
     missing = [p for p, ok in zip(paths, present) if not ok]
     if missing and on_missing == "error":

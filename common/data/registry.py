@@ -33,6 +33,7 @@ from common.data.folders import descend_wrappers
 from common.data.images import is_ignored
 from common.data.manifest import generic_class, read_manifest
 from common.data.splits import DEFAULT_FRACTION
+from common.data.unused import ARCHIVE_SUFFIXES
 from common.errors import UserError
 from common.io import write_csv
 
@@ -90,6 +91,9 @@ def _image_root(name: str, image_path: str | os.PathLike) -> Path:
     if not root.exists():
         raise UserError(f"image path {printable(root)} does not exist; expected {_expected(name)}")
     if not root.is_dir():
+        if root.suffix.lower() in ARCHIVE_SUFFIXES:
+            raise UserError(f"image path {printable(root)} is an archive, not a folder; unzip it and pass the folder "
+                            f"it holds (expected {_expected(name)})")
         raise UserError(f"image path {printable(root)} is not a folder; expected {_expected(name)}")
     if all(is_ignored(e) for e in os.listdir(root)):
         raise UserError(f"image path {printable(root)} is empty; expected {_expected(name)}")

@@ -82,7 +82,8 @@ def _carve_or_blame_fractions(table: pd.DataFrame, todo: list[tuple[str, float]]
         n_train = int((before["split"] == "train").sum())
         asked = " and ".join(f"{s}_fraction={f}" for s, f in todo)
         raise UserError(
-            f"{asked} leave too few of the {n_train} training image(s) to split {before['class_name'].nunique()} "
+            f"{asked} {'leave' if len(todo) > 1 else 'leaves'} too few of the {n_train} training image(s) to split "
+            f"{before['class_name'].nunique()} "
             "classes stratified (every class needs images on each side); use smaller fractions, e.g. "
             f"{' and '.join(f'{s}_fraction={DEFAULT_FRACTION}' for s, _ in todo)}") from None
 

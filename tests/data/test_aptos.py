@@ -148,3 +148,34 @@ def test_aptos_bad_grade_is_named(tmp_path):
         load_dataset("aptos", root)
     msg = one_line_error(err)
     assert "test.csv line 5" in msg and "'7'" in msg
+
+
+@pytest.mark.parametrize("spelled", ["train_images/{}", "{}.png", "train_images/{}.png", "train_images\\{}"])
+def test_aptos_id_code_with_the_folder_or_the_suffix_names_the_same_image(tmp_path, spelled):
+    root = make_synthetic("aptos", tmp_path / "ap", per_class=4, layout="competition")
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    expected = sorted(str(root / "train_images" / f"{i}.png") for i in train["id_code"])
+    train["id_code"] = [spelled.format(i) for i in train["id_code"]]
+    train.to_csv(root / "train.csv", index=False)
+    assert sorted(load_dataset("aptos", root).table["path"]) == expected
+
+
+def test_aptos_csv_none_of_whose_ids_has_an_image_names_where_it_looked(tmp_path):
+    root = make_synthetic("aptos", tmp_path / "ap", per_class=4, layout="three_way")
+    train = pd.read_csv(root / "train_1.csv", dtype=str)
+    train["id_code"] = "images/" + train["id_code"]                  # a folder that is not the image folder
+    train.to_csv(root / "train_1.csv", index=False)
+    with pytest.raises(UserError) as err:
+        load_dataset("aptos", root)
+    message = one_line_error(err)
+    assert f"none of the {len(train)} file(s) listed in {root / 'train_1.csv'} exists" in message
+    assert f"train_images/train_images/images/{train['id_code'].iloc[0][7:]}.png" in message
+    assert "id_code must be the image's name in train_images/train_images/" in message
+    assert "add training images" not in message
+
+
+def test_aptos_competition_test_set_is_explained_not_reported_unused(tmp_path):
+    root = make_synthetic("aptos", tmp_path / "ap", per_class=4, layout="competition_doubled")
+    ds = load_dataset("aptos", root)
+    assert "test.csv and test_images/: the competition's unlabelled test set, not used" in ds.layout
+    assert ds.unused == []

@@ -284,7 +284,7 @@ PACEMAKER_CASES = [
     Case("pacemaker-image-path-does-not-exist-exit2", "pacemaker", pm_missing, 2,
          ("no such folder", "does not exist"), r"expected class folders"),
     Case("pacemaker-image-path-is-a-file-exit2", "pacemaker", pm_is_file, 2,
-         ("pacemaker.zip", "not a folder"), r"expected class folders"),
+         ("pacemaker.zip", "not a folder"), r"unzip it and pass the folder it holds \(expected class folders"),
     Case("pacemaker-empty-folder-exit2", "pacemaker", pm_empty, 2, ("empty",), r"expected class folders"),
     Case("pacemaker-folder-with-only-ds-store-and-thumbs-db-is-empty-exit2", "pacemaker", pm_litter_only, 2,
          ("litter", "empty"), r"expected class folders"),

@@ -110,3 +110,65 @@ def test_image_path_and_manifest_together_is_an_error(tmp_path):
         load_dataset("pacemaker", data, manifest=csv)
     msg = one_line_error(err)
     assert "--image_path" in msg and "--manifest" in msg and "one of them" in msg
+
+
+def _two_class_rows(folder: Path) -> list[str]:
+    return [f"{png(folder / f'{c}{i}.png').name},{label}" for c, label in (("a", "Hüfte"), ("b", "Knie"))
+            for i in range(6)]
+
+
+@pytest.mark.parametrize("encoding, bom", [("utf-16", b""), ("utf-16-le", b""), ("utf-8", b"\xef\xbb\xbf"),
+                                           ("utf-16-be", b"\xfe\xff")])
+def test_csv_in_utf16_or_with_a_bom_is_read_right(tmp_path, encoding, bom):
+    text = "path,label\n" + "\n".join(_two_class_rows(tmp_path)) + "\n"
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(bom + text.encode(encoding))
+    ds = load_dataset("manifest", manifest=csv)
+    assert ds.class_names == ["Hüfte", "Knie"] and len(ds.table) == 12
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_csv_separated_by_semicolons_or_tabs_is_read(tmp_path, sep):
+    lines = ["path,label"] + _two_class_rows(tmp_path)
+    (tmp_path / "m.csv").write_text("\n".join(line.replace(",", sep) for line in lines) + "\n")
+    assert load_dataset("manifest", manifest=tmp_path / "m.csv").class_names == ["Hüfte", "Knie"]
+
+
+def test_latin1_labels_are_refused_with_save_as_utf8(tmp_path):
+    text = "path,label\n" + "\n".join(_two_class_rows(tmp_path)) + "\n"
+    (tmp_path / "m.csv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError) as err:
+        load_dataset("manifest", manifest=tmp_path / "m.csv")
+    message = one_line_error(err)
+    assert "m.csv is not UTF-8 text" in message and "label on line(s) 2" in message
+    assert "H\\xfcfte" in message and "save it as UTF-8" in message
+
+
+def test_latin1_column_names_are_refused_with_save_as_utf8(tmp_path):
+    rows = [row.replace("Hüfte", "Hip") for row in _two_class_rows(tmp_path)]
+    (tmp_path / "m.csv").write_bytes(("path,label,größe\n" + "\n".join(r + ",1" for r in rows) + "\n").encode("latin-1"))
+    with pytest.raises(UserError) as err:
+        load_dataset("manifest", manifest=tmp_path / "m.csv")
+    assert "not UTF-8 text (column names" in one_line_error(err) and "save it as UTF-8" in one_line_error(err)
+
+
+def test_a_last_line_cut_short_is_called_a_truncated_download(tmp_path):
+    rows = _two_class_rows(tmp_path)
+    cut = rows[-1].split(",")[0] + ","                      # the download stopped after the comma
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows[:-1] + [cut]))
+    with pytest.raises(UserError) as err:
+        load_dataset("manifest", manifest=tmp_path / "m.csv")
+    message = one_line_error(err)
+    assert "line 13, the last, is cut short" in message and "download it again" in message
+    # the same empty label with a final line break is an empty label, as before
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows[:-1] + [cut]) + "\n")
+    with pytest.raises(UserError) as err:
+        load_dataset("manifest", manifest=tmp_path / "m.csv")
+    assert "empty label on line(s) 13" in one_line_error(err)
+
+
+def test_a_manifest_written_on_windows_names_files_with_backslashes(tmp_path):
+    rows = [f"imgs\\{png(tmp_path / 'imgs' / f'{c}{i}.png').name},{c}" for c in "ab" for i in range(6)]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    ds = load_dataset("manifest", manifest=tmp_path / "m.csv")
+    assert sorted(ds.table["path"]) == sorted(str(tmp_path / "imgs" / f"{c}{i}.png") for c in "ab" for i in range(6))

@@ -250,3 +250,26 @@ def test_orthonet_label_csv_beside_class_folders_is_ambiguous(tmp_path):
     # The way out the message names: the CSV as a manifest.
     ds = load_dataset("orthonet", manifest=root / "labels.csv")
     assert len(ds.table) == 12 and ds.class_names == [ORTHONET_CLASSES["01"], ORTHONET_CLASSES["21"]]
+
+
+def test_orthonet_kaggle_filenames_that_repeat_the_image_folder(tmp_path):
+    root = make_synthetic("orthonet", tmp_path / "on", per_class=5, layout="kaggle")
+    expected = len(load_dataset("orthonet", root).table)
+    for name in ("train.csv", "test.csv"):
+        frame = pd.read_csv(root / name, dtype=str)
+        frame["filenames"] = "orthonet data/" + frame["filenames"]
+        frame.to_csv(root / name, index=False)
+    ds = load_dataset("orthonet", root)
+    assert len(ds.table) == expected and ds.unused == []
+
+
+def test_orthonet_kaggle_csv_none_of_whose_files_exists_is_an_error(tmp_path):
+    root = make_synthetic("orthonet", tmp_path / "on", per_class=5, layout="kaggle")
+    frame = pd.read_csv(root / "test.csv", dtype=str)
+    frame["filenames"] = "scans/" + frame["filenames"]
+    frame.to_csv(root / "test.csv", index=False)
+    with pytest.raises(UserError) as err:
+        load_dataset("orthonet", root)
+    message = one_line_error(err)
+    assert "listed in" in message and "test.csv exists" in message and "orthonet data/orthonet data/scans/" in message
+    assert "filenames must be the images' names in orthonet data/orthonet data/" in message

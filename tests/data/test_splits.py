@@ -3,6 +3,8 @@ named, fractions that make a split impossible named."""
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import pytest
 
@@ -45,3 +47,41 @@ def test_class_too_small_for_val_carving_from_train(tmp_path):
     with pytest.raises(UserError) as err:
         load_dataset("pacemaker", root)
     assert "BIO - Evia" in one_line_error(err)
+
+
+def test_fractions_that_make_the_split_impossible_are_named_not_the_images(tmp_path):
+    root = class_tree(tmp_path / "pm", {"MDT - Adapta": 6, "STJ - Assurity": 6, "BOS - Accolade": 6})
+    load_dataset("pacemaker", root)                                   # the defaults split it
+    with pytest.raises(UserError) as err:
+        load_dataset("pacemaker", root, val_fraction=0.45, test_fraction=0.45)
+    message = one_line_error(err)
+    assert "test_fraction=0.45 and val_fraction=0.45" in message and "18 training image(s)" in message
+    assert "use smaller fractions, e.g. test_fraction=0.15 and val_fraction=0.15" in message
+    assert "add images" not in message
+
+
+def test_too_few_images_for_any_fractions_still_asks_for_images(tmp_path):
+    root = class_tree(tmp_path / "pm", {"MDT - Adapta": 2, "STJ - Assurity": 2})
+    with pytest.raises(UserError) as err:
+        load_dataset("pacemaker", root, val_fraction=0.3, test_fraction=0.3)
+    assert "add images" in one_line_error(err) and "_fraction=0.3" not in one_line_error(err)
+
+
+def test_a_fraction_the_official_split_makes_pointless_is_said_once(tmp_path, caplog):
+    root = class_tree(tmp_path / "pm", {"MDT - Adapta": 6, "STJ - Assurity": 6}, "Train")
+    class_tree(root, {"MDT - Adapta": 2, "STJ - Assurity": 2}, "Test")
+    ds = load_dataset("pacemaker", root)                              # defaults: said in the layout line only
+    assert "(test_fraction not used: the test split is official)" in ds.layout and not ds.warnings
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset("pacemaker", root, test_fraction=0.3, val_fraction=0.2)
+    said = [r.message for r in caplog.records if r.levelno >= logging.WARNING and "test_fraction" in r.message]
+    assert len(said) == 1 and "test_fraction=0.3 has no effect: this layout has an official test split" in said[0]
+    assert not any("val_fraction" in r.message for r in caplog.records if r.levelno >= logging.WARNING)  # val is carved
+    assert (ds.table["split"] == "test").sum() == 4
+
+
+def test_the_default_fraction_is_the_configs_default():
+    import configs
+    from common.data.splits import DEFAULT_FRACTION
+
+    assert configs.RUN_DEFAULTS["val_fraction"] == configs.RUN_DEFAULTS["test_fraction"] == DEFAULT_FRACTION
