@@ -101,7 +101,8 @@ def _one_row_per_image(table: pd.DataFrame, notes: Notes) -> pd.DataFrame:
     clashing = kinds.index[kinds["class_name"] > 1]
     if len(clashing):
         rows = twice[twice["path"] == clashing[0]]
-        given = ", ".join(f"{printable(c)!r}" + (f" in {s}" if s else "") for c, s in zip(rows["class_name"], rows["split"]))
+        given = ", ".join(f"{printable(c)!r}" + (f" in {s}" if s else "")
+                          for c, s in zip(rows["class_name"], rows["split"]))
         raise UserError(f"{len(clashing)} image(s) are listed under two labels, e.g. {notes.show(clashing[0])}: "
                         f"{given}; keep one row per image, with its right label")
     leaking = kinds.index[kinds["split"] > 1]
@@ -112,8 +113,9 @@ def _one_row_per_image(table: pd.DataFrame, notes: Notes) -> pd.DataFrame:
     table = table.iloc[order.argsort(kind="stable")]
     exact = table.duplicated(["path", "split"]) & ~table["path"].isin(leaking)
     if exact.any():
+        repeated = first_few(notes.show(p) for p in table.loc[exact, "path"])
         notes.warn(f"{int(exact.sum())} image(s) listed more than once with the same label and split (exact "
-                   f"duplicates); keeping the first entry: {first_few(notes.show(p) for p in table.loc[exact, 'path'])}")
+                   f"duplicates); keeping the first entry: {repeated}")
     return table[~table.duplicated("path")]
 
 

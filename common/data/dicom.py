@@ -214,4 +214,5 @@ def dicom_rgb(path: Path | str, shown: str) -> np.ndarray:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if "less than expected" in reason:
             reason = "truncated (incomplete pixel data: download it again)"
-        raise UserError(f"cannot decode DICOM image {shown}: {reason}; replace or remove the file and run again") from None
+        raise UserError(f"cannot decode DICOM image {shown}: {reason}; replace or remove the file and run "
+                        "again") from None

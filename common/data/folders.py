@@ -154,17 +154,19 @@ def class_folders(root: Path, notes: Notes, *, class_of=lambda name: name, namin
     """Class-per-folder, with or without split folders (``Train/<class>/``, ``Test/<class>/``).
 
     ``class_of(folder name)`` gives the class name, or None for a folder that is no class of
-    this dataset (an error listing them, ending with ``naming``: how to name class folders).  Images lying outside any class folder are skipped.
+    this dataset (an error listing them, ending with ``naming``: how to name class folders).
+    Images lying outside any class folder are skipped.  An image path that is itself a split
+    folder (``Train/``) with other split folders beside it is read, with a warning that they are not.
     Returns ``(found table, layout text)`` with the folder name as raw label.
     """
     splits = split_folders(root)
     split_of_root = SPLIT_FOLDER_NAMES.get(root.name.lower())
     if not splits and split_of_root:
-        siblings = [d.name for d in listdir(root.parent)[0] if SPLIT_FOLDER_NAMES.get(d.name.lower(), split_of_root)
-                    != split_of_root]
+        siblings = [printable(d.name) + "/" for d in listdir(root.parent)[0]
+                    if SPLIT_FOLDER_NAMES.get(d.name.lower(), split_of_root) != split_of_root]
         if siblings:
-            notes.warn(f"the image path is the {printable(root.name)}/ split folder: {first_few(printable(s) + '/' for s in siblings)} "
-                       f"beside it {'is' if len(siblings) == 1 else 'are'} not read and the splits are carved from it; "
+            notes.warn(f"the image path is the {printable(root.name)}/ split folder: {first_few(siblings)} beside it "
+                       f"{'is' if len(siblings) == 1 else 'are'} not read and the splits are carved from it; "
                        f"pass {printable(root.parent)} to keep the official split")
     if splits:
         if "train" not in splits:

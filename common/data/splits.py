@@ -98,9 +98,11 @@ def _pointless(given: set[str], val_fraction: float, test_fraction: float, notes
         if value != DEFAULT_FRACTION and notes is not None:
             split = key.split("_")[0]
             notes.warn(f"{key}={value} has no effect: this layout has an official {split} split, which is "
-                       f"kept as it is; to carve {split} from train instead, pass a --manifest without it")
+                       f"kept as it is; to carve {split} from train instead, pass a --manifest whose split "
+                       f"column has no {split}")
+    keys = " and ".join(k for k, _ in unused)
     splits = " and ".join(k.split("_")[0] for k, _ in unused)
-    return f" ({' and '.join(k for k, _ in unused)} not used: the {splits} split{'s are' if len(unused) > 1 else ' is'} official)"
+    return f" ({keys} not used: the {splits} split{'s are' if len(unused) > 1 else ' is'} official)"
 
 
 def assign_splits(table: pd.DataFrame, *, seed: int, val_fraction: float, test_fraction: float,

@@ -344,7 +344,8 @@ def _rewrite(tree: str, column: str, change, *csvs: str):
 
 
 fn_aptos_prefix = _rewrite("aptos_competition", "id_code", lambda ids: "train_images/" + ids, "train.csv")
-fn_aptos_suffix = _rewrite("aptos_three_way", "id_code", lambda ids: ids + ".png", "train_1.csv", "valid.csv", "test.csv")
+fn_aptos_suffix = _rewrite("aptos_three_way", "id_code", lambda ids: ids + ".png",
+                           "train_1.csv", "valid.csv", "test.csv")
 fn_aptos_elsewhere = _rewrite("aptos_three_way", "id_code", lambda ids: "images/" + ids, "train_1.csv")
 fn_orthonet_prefix = _rewrite("orthonet_kaggle", "filenames", lambda names: "orthonet data/" + names,
                               "train.csv", "test.csv")

@@ -78,7 +78,8 @@ def _voi_lut(first_mapped: int, bits: int, data: list[int]) -> Sequence:
 
 
 def test_voi_lut_sequence_comes_before_the_window(tmp_path):
-    path = write_dicom(tmp_path / "lut.dcm", row(5, 10, 11, 12, 13, 50), VOILUTSequence=_voi_lut(10, 8, [0, 50, 100, 255]),
+    path = write_dicom(tmp_path / "lut.dcm", row(5, 10, 11, 12, 13, 50),
+                       VOILUTSequence=_voi_lut(10, 8, [0, 50, 100, 255]),
                        WindowCenter=1000, WindowWidth=10)
     # below the first mapped value: the first entry; beyond the table: the last (8-bit LUT: as is)
     assert grey(path).tolist() == [[0, 0, 50, 100, 255, 255]]

@@ -146,7 +146,8 @@ def test_latin1_labels_are_refused_with_save_as_utf8(tmp_path):
 
 def test_latin1_column_names_are_refused_with_save_as_utf8(tmp_path):
     rows = [row.replace("Hüfte", "Hip") for row in _two_class_rows(tmp_path)]
-    (tmp_path / "m.csv").write_bytes(("path,label,größe\n" + "\n".join(r + ",1" for r in rows) + "\n").encode("latin-1"))
+    text = "path,label,größe\n" + "\n".join(r + ",1" for r in rows) + "\n"
+    (tmp_path / "m.csv").write_bytes(text.encode("latin-1"))
     with pytest.raises(UserError) as err:
         load_dataset("manifest", manifest=tmp_path / "m.csv")
     assert "not UTF-8 text (column names" in one_line_error(err) and "save it as UTF-8" in one_line_error(err)
