@@ -40,7 +40,6 @@ and writes ``OUT/shards/shard-I-of-N.json`` instead of ``study.json``; ``--repor
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
 import importlib.util
@@ -57,7 +56,7 @@ from common.app.grid import DEMO_SETS, Cell, Request, Skipped, plan_grid
 from common.app.outdir import finished_run
 from common.app.settings import DatasetSpec
 from common.app.shards import STUDY_FILE, grid_id, my_cells, report_command, state_path, statuses_from_states
-from common.app.study_args import build_parser, parse_args  # noqa: F401 - the study's command line
+from common.app.study_args import parse_args
 from common.errors import EXIT_INTERRUPTED, UserError, run_entry
 
 log = logging.getLogger(__name__)
