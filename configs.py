@@ -53,7 +53,111 @@ DINOV3 = {
     **COMMON_DEFAULTS,
 }
 
-MODEL_CONFIGS = {"clip": CLIP, "dinov2": DINOV2, "dinov3": DINOV3}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Thresholds of the medical presets below: "auto" (chosen from the norm distribution, the choice and
+# its reason recorded) until someone has measured their register norms on real weights.  Their
+# detection layers follow the seed model they were trained like (DINOv2 ViT-L: detect at the second
+# last layer, keep the first 5/6 of the blocks, top 50 of 24 x 4096 neurons; CLIP ViT-B/16: detect
+# at the last layer, keep the first half, top 20 of 12 x 3072).
+
+# BiomedCLIP (Zhang et al. 2023): a CLIP ViT-B/16 trained on PubMed figures.  open_clip's hub model;
+# the image tower (timm trunk + linear projection) is built from its open_clip_config.json, as
+# published and copied here, so image features need no download of it and no `transformers`.
+BIOMEDCLIP = {
+    "model_name": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+    "pretrained": "",
+    "open_clip_config": {
+        "model_cfg": {
+            "embed_dim": 512,
+            "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+                           "timm_pool": "", "timm_proj": "linear", "image_size": 224},
+            "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                         "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                         "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                         "context_length": 256},
+        },
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    },
+    "device": "auto",
+    "detect_outliers_layer": -1,       # CLIP-trained ViT-B/16 (12 blocks): CLIP's choices
+    "register_norm_threshold": "auto",
+    "highest_layer": 5,
+    "top_k": 20,
+    **COMMON_DEFAULTS,
+}
+
+# RAD-DINO (Perez-Garcia et al. 2024): DINOv2 ViT-B/14 continued on chest X-rays.  Run at its native
+# 518 px (37x37 patches, no position-embedding resampling) with its processor's resize and crop and
+# its grey-level mean and std.  The hub's model.safetensors (Hugging Face Dinov2Model layout) and
+# backbone_compatible.safetensors (DINOv2 repository layout) both load.
+RAD_DINO = {
+    "model_name": "vit_base_patch14_dinov2",
+    "pretrained": "hf-hub:microsoft/rad-dino",
+    "model_args": {"img_size": 518},
+    "preprocess": {"resize": 518, "crop": 518, "interpolation": "bicubic",
+                   "mean": (0.5307, 0.5307, 0.5307), "std": (0.2583, 0.2583, 0.2583)},
+    "weights_file": "model.safetensors",
+    "device": "auto",
+    "detect_outliers_layer": -2,       # DINOv2-trained ViT-B (12 blocks): DINOv2's choices,
+    "register_norm_threshold": "auto",
+    "highest_layer": 9,                # the first 5/6 of the blocks (0..9)
+    "top_k": 20,                       # as many neurons as CLIP ViT-B/16 has (12 x 3072): CLIP's 20
+    **COMMON_DEFAULTS,
+}
+
+# UNI (Chen et al. 2024): ViT-L/16 trained with DINOv2 on 100k pathology slides.  Gated: accept its
+# license at https://huggingface.co/MahmoodLab/uni.  The model card's transform (resize 224, ImageNet
+# statistics), centre-cropped so that every image has the same 14x14 grid.
+UNI = {
+    "model_name": "vit_large_patch16_224",
+    "pretrained": "hf-hub:MahmoodLab/uni",
+    "model_args": {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+    "preprocess": {"resize": 224, "crop": 224, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "weights_file": "pytorch_model.bin",
+    "gated": True,
+    "device": "auto",
+    "detect_outliers_layer": -2,       # DINOv2-trained ViT-L (24 blocks): DINOv2 ViT-L/14's choices
+    "register_norm_threshold": "auto",
+    "highest_layer": 19,
+    "top_k": 50,
+    **COMMON_DEFAULTS,
+}
+
+# Virchow2 (Zimmermann et al. 2024): ViT-H/14 with a SwiGLU MLP (the neurons are the 3416 gated units
+# fed to fc2) and 4 trained registers, trained with DINOv2 on 3.1M pathology slides.  Gated: accept
+# its license at https://huggingface.co/paige-ai/Virchow2.  Published without pooling (its forward
+# returns every token): the tool pools the final-norm CLS token.
+VIRCHOW2 = {
+    "model_name": "vit_huge_patch14_224",
+    "pretrained": "hf-hub:paige-ai/Virchow2",
+    "model_args": {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4,
+                   "mlp_layer": "SwiGLUPacked", "act_layer": "silu", "global_pool": "", "dynamic_img_size": True},
+    "preprocess": {"resize": 224, "crop": 224, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "weights_file": "pytorch_model.bin",
+    "gated": True,
+    "device": "auto",
+    "detect_outliers_layer": -2,       # DINOv2-trained (32 blocks): DINOv2's choices,
+    "register_norm_threshold": "auto",
+    "highest_layer": 26,               # the first 5/6 of the blocks (0..26)
+    "top_k": 50,                       # 32 x 3416 neurons, about DINOv2 ViT-L's 24 x 4096: its 50
+    **COMMON_DEFAULTS,
+    # The model card's embedding: the CLS token concatenated with the mean of the patch tokens (the
+    # trained registers left out), 2560-d.
+    "feature": "cls+patch_mean",
+}
+
+# --model NAME -> (the family that builds it, its config dict); families are code (common/models/),
+# presets are data.  Any other timm or open_clip ViT: --model timm:<name> or open_clip:<arch>:<tag>.
+PRESETS = {
+    "clip": ("clip", CLIP),
+    "dinov2": ("dinov2", DINOV2),
+    "dinov3": ("dinov3", DINOV3),
+    "biomedclip": ("clip", BIOMEDCLIP),
+    "rad-dino": ("timm", RAD_DINO),
+    "uni": ("timm", UNI),
+    "virchow2": ("timm", VIRCHOW2),
+}
+MODEL_CONFIGS = {name: config for name, (_, config) in PRESETS.items()}
 
 # Run settings shared by every dataset (command-line flags override them).
 RUN_DEFAULTS = {

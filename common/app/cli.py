@@ -23,9 +23,11 @@ from common.errors import UserError, run_entry
 
 log = logging.getLogger("common")
 
-MODELS = tuple(configs.MODEL_CONFIGS)      # one per backbone family (common/models/families.py)
-# config keys that choose or build a real model: the planted demo model has none of them
-DEMO_IGNORED_KEYS = ("backbone_size", "model_name", "pretrained", "force_quick_gelu")
+# the presets (common/models/presets.py); --model also takes timm:<name> and open_clip:<arch>:<tag>
+MODELS = tuple(configs.PRESETS)
+MODEL_HELP = ("a preset: clip (open_clip ViT-B/16 laion2b_s34b_b88k), dinov2 (ViT-L/14), dinov3 (ViT-L/16), "
+              "biomedclip (BiomedCLIP ViT-B/16), rad-dino (RAD-DINO ViT-B/14, 518 px), uni (UNI ViT-L/16), "
+              "virchow2 (Virchow2 ViT-H/14); or any timm:<name> or open_clip:<arch>:<tag>")
 
 
 def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
@@ -35,20 +37,22 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
                     "a linear probe? Extracts features with and without test-time registers (no-ttr, ttr), "
                     "trains the same probe on both and reports them side by side.",
     )
-    parser.add_argument("--model", choices=MODELS,
-                        help="backbone family: clip (open_clip ViT-B/16 laion2b_s34b_b88k), dinov2 (ViT-L/14) "
-                             "or dinov3 (ViT-L/16)")
+    parser.add_argument("--model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--describe", action="store_true",
+                        help="print the model's identity (family, architecture, layers, widths, patch, input size, "
+                             "registers, where its weights come from) as JSON and exit; reads no weights")
     parser.add_argument("--image_path", help=f"root folder of the {spec.title} dataset as downloaded")
     parser.add_argument("--manifest", help="CSV with path,label[,split] instead of a dataset folder")
     parser.add_argument("--out", help="output folder (default runs/<dataset>_<model>_<timestamp>)")
     parser.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--weights", help="local checkpoint: open_clip format for clip; timm or Meta's "
-                                          "original file for dinov2/dinov3")
+    parser.add_argument("--weights", help="local checkpoint in a format the model's hub page ships: open_clip for "
+                                          "clip/biomedclip, timm or Meta's original file for dinov2/dinov3, timm "
+                                          "for uni/virchow2, Hugging Face or DINOv2 layout for rad-dino")
     parser.add_argument("--neurons", help="register neurons from a register_neurons.json, the course project's "
                                           "register_neurons.pt, or 'paper' (published DINOv2 ViT-L/14 neurons) "
                                           "instead of detecting them")
     parser.add_argument("--zero_shot", action="store_true",
-                        help="clip: also classify by class-name prompts (no training), no-ttr vs ttr")
+                        help="clip, biomedclip: also classify by class-name prompts (no training), no-ttr vs ttr")
     parser.add_argument("--reference_probes", help="folder with the course project's best_model_no_ttr.pth and "
                                                    "best_model_ttr.pth: also score those saved probes")
     parser.add_argument("--detect_images", type=int, help="training images sampled for detection (default 100)")
@@ -140,23 +144,25 @@ def _options(spec: DatasetSpec, args: argparse.Namespace, out: Path, demo: bool)
 def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from common.app.outdir import prepare_out
     from common.app.settings import validate_for_model
-    from common.models.families import get_family
+    from common.models.presets import family_class, model_slug
 
     if args.model is None:
-        parser.error(f"--model is required ({', '.join(MODELS)})")
+        parser.error(f"--model is required ({', '.join(MODELS)}, timm:<name> or open_clip:<arch>:<tag>)")
     if not args.demo and not args.image_path and not args.manifest:
         parser.error("--image_path is required (or --manifest FILE, or --demo to try the tool)")
     if args.demo and (args.weights or args.neurons == "paper"):
         raise UserError("--demo runs the planted model: --weights and --neurons paper do not apply to it")
+    family = family_class(args.model)
     if args.demo:
         from common.app.settings import set_keys
 
-        building = [pair.key for pair in set_keys(args.set) if pair.key in DEMO_IGNORED_KEYS]
+        building = [pair.key for pair in set_keys(args.set) if pair.key in family.building_keys]
         if building:
             raise UserError(f"--demo runs the planted model: --set {building[0]} does not apply to it (it would only "
                             "be recorded); leave it out, or run a real model without --demo")
     config = resolve_config(args, demo=args.demo, zero_shot=args.zero_shot or None)
-    out = Path(args.out) if args.out else _default_out(spec, args.model if not args.demo else f"demo_{args.model}")
+    out = Path(args.out) if args.out else _default_out(
+        spec, model_slug(args.model) if not args.demo else f"demo_{model_slug(args.model)}")
     planted = None
     if args.demo:
         from common.demo.demo import demo_model
@@ -164,7 +170,7 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
         planted = demo_model(args.model, seed=config["seed"], precision=config["precision"])
         identity = planted.backbone.identity
     else:
-        identity = get_family(args.model).identity(config)
+        identity = family.identity(config)
     validate_for_model(config, identity)
     ranking = _preload_neurons(args, config, identity)
     if args.reference_probes and not Path(args.reference_probes).is_dir():
@@ -193,6 +199,19 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
     return 0
 
 
+def _describe(args: argparse.Namespace) -> int:
+    """``--describe``: the configured model's identity as JSON (``--set`` applies), no weights read."""
+    import json
+
+    from common.models.presets import describe
+
+    if args.model is None:
+        raise UserError(f"--describe needs --model ({', '.join(MODELS)}, timm:<name> or open_clip:<arch>:<tag>)")
+    config = resolve_config(args)
+    print(json.dumps(describe(args.model, config), indent=2))
+    return 0
+
+
 def _preload_neurons(args: argparse.Namespace, config: dict, identity):
     """A ``--neurons`` ranking read and checked against the configured model (before any model work)."""
     if not args.neurons:
@@ -200,7 +219,7 @@ def _preload_neurons(args: argparse.Namespace, config: dict, identity):
     from common.registers.neurons import NeuronRanking, paper_neurons
 
     if args.neurons == "paper":
-        ranking = paper_neurons(args.model, config.get("backbone_size"))
+        ranking = paper_neurons(identity)
     else:
         ranking = NeuronRanking.load(args.neurons)
     ranking.check_model(identity, args.neurons)
@@ -219,6 +238,8 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> int:
         if args.image_path and args.manifest:
             raise UserError("--image_path and --manifest were both given; pass one of them (a manifest's "
                             "relative paths resolve against the CSV's own folder)")
+        if args.describe:
+            return _describe(args)
         if args.check_data:
             return _check_data(spec, args)
         return _run(spec, args, parser)

@@ -1,14 +1,17 @@
 """The study's grid (docs/study.md): its axes, which value applies where, and each cell's run.
 
 The grid is each given dataset x each model x the values of the axes the user names.  An axis
-value applies only where it makes sense (``backbone_size`` to dinov2; ``neurons=paper`` to DINOv2
-ViT-L/14 only; in a demo neither, the planted models have one size and no published neurons);
-what does not apply is listed (:class:`Skipped`) with the reason, never silently dropped.
+value applies only where it makes sense, decided from the model's config and identity, never its
+name: ``backbone_size`` to models configured by size (DINOv2, DINOv3), each value only where it is
+one of that family's sizes; ``neurons=paper`` only where the cell's model is DINOv2 ViT-L/14
+(the published set indexes it); ``highest_layer`` values only within the cell's model's depth; in
+a demo no ``backbone_size`` and no published neurons (the planted models have one size).  What does
+not apply is listed (:class:`Skipped`) with the reason, never silently dropped.
 
 A cell's arguments are exactly what a user types after ``python test_<dataset>.py``, every path
 absolute, so its command re-runs the cell alone from the repository root.  Cell names:
-``<dataset>_<model>`` then ``_<axis>-<value>`` for each applicable axis in the order given, e.g.
-``aptos_dinov2_backbone_size-vitl14_reg_top_k-20``.
+``<dataset>_<model>`` (``:`` and ``/`` of ``timm:<name>`` written ``-``) then ``_<axis>-<value>``
+for each applicable axis in the order given, e.g. ``aptos_dinov2_backbone_size-vitl14_reg_top_k-20``.
 """
 
 from __future__ import annotations
@@ -29,18 +32,17 @@ DEMO_SETS = ("probe_seeds=(0,)", "bootstrap_resamples=200", "figure_images=1", "
 
 @dataclass(frozen=True)
 class Axis:
-    """One optional grid axis: its values, the run arguments of a value, and where it applies."""
+    """One optional grid axis: its values and the run arguments of a value."""
 
     name: str
-    choices: tuple[str, ...] | None          # None: any positive integer
-    models: tuple[str, ...] | None           # None: every model
-    explain: str                             # why it does not apply to the other models
+    choices: tuple[str, ...] | None          # None: any integer >= minimum
+    minimum: int = 1
 
     def parse(self, raw: str) -> str:
         value = raw.strip()
         if self.choices is None:
-            if not value.isdigit() or int(value) < 1:
-                raise UserError(f"--axes {self.name}: value {raw!r} is not a positive integer")
+            if not value.isdigit() or int(value) < self.minimum:
+                raise UserError(f"--axes {self.name}: value {raw!r} is not an integer >= {self.minimum}")
             return str(int(value))
         if value not in self.choices:
             raise UserError(f"--axes {self.name}: unknown value {raw!r}; valid: {', '.join(self.choices)}")
@@ -55,17 +57,17 @@ class Axis:
 
 def _axes() -> dict[str, Axis]:
     from common.app.settings import choices
-    from common.models.dinov2 import ARCHS
+    from common.models.families import FAMILIES
 
     words = choices()
+    sizes = tuple(dict.fromkeys(size for family in FAMILIES.values() for size in getattr(family, "sizes", {})))
     return {
-        "normal_values": Axis("normal_values", tuple(words["normal_values"]), None, ""),
-        "backbone_size": Axis("backbone_size", tuple(ARCHS), ("dinov2",),
-                              "backbone_size names DINOv2 sizes (and their trained-register *_reg variants); "
-                              "this model has one backbone, run once"),
-        "neurons": Axis("neurons", ("detected", "paper"), None, ""),
-        "top_k": Axis("top_k", None, None, ""),
-        "feature": Axis("feature", tuple(words["feature"]), None, ""),
+        "normal_values": Axis("normal_values", tuple(words["normal_values"])),
+        "backbone_size": Axis("backbone_size", sizes),
+        "neurons": Axis("neurons", ("detected", "paper")),
+        "top_k": Axis("top_k", None),
+        "feature": Axis("feature", tuple(words["feature"])),
+        "highest_layer": Axis("highest_layer", None, minimum=0),
     }
 
 
@@ -82,14 +84,35 @@ class Request:
     models: tuple[str, ...]
     axes: dict[str, tuple[str, ...]]          # axis -> values, in the order given
     zero_shot: bool = False
-    weights: dict[str, Path] = field(default_factory=dict)   # "clip" / "dinov2" / "dinov2:vitl14_reg"
+    weights: dict[str, Path] = field(default_factory=dict)   # "clip" / "uni" / "dinov2:vitl14_reg"
     sets: tuple[str, ...] = ()
     cache_dir: Path | None = None
     device: str | None = None
     demo: bool = False
     seed: int = 0
     default_sizes: dict[str, str] = field(default_factory=dict)   # model -> configured backbone_size
-    command_line: list[str] = field(default_factory=list)
+    command_line: list[str] = field(default_factory=list)     # without --shard and --report_only
+    shard: tuple[int, int] | None = None                     # (I, N): run the I-th of N slices of the cells
+    report_only: bool = False                                # run nothing, report the cells found
+    _identities: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def identity(self, model: str, size: str | None):
+        """The identity of ``model`` (at ``size``) as its cells run it (with ``--set``; the planted
+        model in a demo); computed once."""
+        key = (model, size)
+        if key not in self._identities:
+            from common.app.settings import resolve_config
+            from common.models.presets import family_class
+
+            if self.demo:
+                from common.demo.demo import demo_model
+
+                identity = demo_model(model, seed=self.seed).backbone.identity
+            else:
+                sets = [*self.sets, *([f"backbone_size={size}"] if size else [])]
+                identity = family_class(model).identity(resolve_config(model, sets))
+            self._identities[key] = identity
+        return self._identities[key]
 
 
 @dataclass
@@ -128,7 +151,9 @@ class Skipped:
 
 def cell_name(dataset: str, model: str, settings: dict[str, str]) -> str:
     """``<dataset>_<model>`` then ``_<axis>-<value>`` per applicable axis (order as given)."""
-    return "_".join([dataset, model, *(f"{axis}-{value}" for axis, value in settings.items())])
+    from common.models.presets import model_slug
+
+    return "_".join([dataset, model_slug(model), *(f"{axis}-{value}" for axis, value in settings.items())])
 
 
 def _weights_for(request: Request, model: str, size: str | None) -> Path | None:
@@ -144,7 +169,7 @@ def _weights_for(request: Request, model: str, size: str | None) -> Path | None:
 
 
 def _cell_argv(request: Request, dataset: str, model: str, settings: dict[str, str], folder: Path) -> list[str]:
-    from common.models.families import get_family
+    from common.models.presets import family_class
 
     argv = ["--model", model]
     if request.demo:
@@ -158,7 +183,7 @@ def _cell_argv(request: Request, dataset: str, model: str, settings: dict[str, s
     weights = _weights_for(request, model, settings.get("backbone_size"))
     if weights is not None:
         argv += ["--weights", str(weights.resolve())]
-    if request.zero_shot and get_family(model).supports_zero_shot:
+    if request.zero_shot and family_class(model).supports_zero_shot:
         argv.append("--zero_shot")
     for item in (*DEMO_SETS, *request.sets) if request.demo else request.sets:
         argv += ["--set", item]
@@ -170,23 +195,47 @@ def _cell_argv(request: Request, dataset: str, model: str, settings: dict[str, s
 def _combo_rule(request: Request, model: str, combo: dict[str, str]) -> tuple[dict[str, str] | None, str, str]:
     """The settings a combination runs with (None: skipped), the reason when it is skipped or
     reduced, and the axis values that cause it."""
+    size = combo.get("backbone_size", request.default_sizes.get(model))
+    if "highest_layer" in combo:
+        layers = request.identity(model, combo.get("backbone_size")).layers
+        if int(combo["highest_layer"]) >= layers:
+            where = f"{model} at backbone_size={size}" if "backbone_size" in combo else model
+            sized = f", backbone_size={size}" if "backbone_size" in combo else ""
+            return None, f"{where} has {layers} layers (highest_layer 0..{layers - 1})", \
+                f"highest_layer={combo['highest_layer']}{sized}"
     if combo.get("neurons") != "paper":
         return combo, "", ""
-    if model != "dinov2":
-        return None, (f"the published register neurons are DINOv2 ViT-L/14's (found on ImageNet); {model} "
-                      "has none: its cells detect theirs"), "neurons=paper"
     if request.demo:
         return None, "the demo's planted model has no published neurons (they index DINOv2 ViT-L/14)", "neurons=paper"
-    size = combo.get("backbone_size", request.default_sizes.get("dinov2"))
-    if size != "vitl14":
-        return None, (f"the published neurons index DINOv2 ViT-L/14 without trained registers; "
-                      f"backbone_size={size} is another model"), f"neurons=paper, backbone_size={size}"
+    from common.registers.neurons import PAPER_IDENTITY
+
+    identity = request.identity(model, combo.get("backbone_size"))
+    if not identity.same_model(PAPER_IDENTITY):
+        cause = "neurons=paper" + (f", backbone_size={size}" if "backbone_size" in combo else "")
+        return None, ("the published register neurons (found on ImageNet) index DINOv2 ViT-L/14 "
+                      f"({PAPER_IDENTITY.describe()}); {model}" + (f" at backbone_size={size}" if size else "")
+                      + f" is another model ({identity.describe()}): its cells detect theirs"), cause
     if "top_k" in combo:
         reduced = {axis: value for axis, value in combo.items() if axis != "top_k"}
         return reduced, (f"the published set ({PAPER_NEURON_COUNT} neurons, listed by layer, not ranked) is used "
                          "whole with the configured top_k; top_k would cut it in published order, so it runs once "
                          "as {cell}"), f"neurons=paper, top_k={combo['top_k']}"
     return combo, "", ""
+
+
+def _applicable(request: Request, model: str, axis: str, values: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """The values of ``axis`` that apply to ``model``, and why the others do not ("" when all do)."""
+    if axis != "backbone_size":
+        return values, ""
+    if request.demo:
+        return (), "the demo's planted models have one size; run once"
+    if model not in request.default_sizes:
+        return (), f"{model} is not configured by backbone_size (DINOv2 and DINOv3 sizes); run once"
+    from common.models.presets import family_class
+
+    sizes = getattr(family_class(model), "sizes", {})
+    valid = tuple(v for v in values if v in sizes)
+    return valid, ("" if len(valid) == len(values) else f"not a size of {model} (its sizes: {', '.join(sizes)})")
 
 
 def plan_grid(request: Request) -> tuple[list[Cell], list[Skipped]]:
@@ -198,15 +247,12 @@ def plan_grid(request: Request) -> tuple[list[Cell], list[Skipped]]:
         for model in request.models:
             axes = {}
             for axis, values in request.axes.items():
-                rule = AXES[axis]
-                if axis == "backbone_size" and request.demo:
-                    skipped.append(Skipped(dataset, model, f"{axis}={','.join(values)}",
-                                           "the demo's planted models have one size; run once"))
-                elif rule.models is not None and model not in rule.models:
-                    skipped.append(Skipped(dataset, model, f"{axis}={','.join(values)}",
-                                           f"applies to {', '.join(rule.models)} only: {rule.explain}"))
-                else:
-                    axes[axis] = values
+                valid, reason = _applicable(request, model, axis, values)
+                if reason:
+                    left_out = [v for v in values if v not in valid]
+                    skipped.append(Skipped(dataset, model, f"{axis}={','.join(left_out)}", reason))
+                if valid:
+                    axes[axis] = valid
             for values in itertools.product(*axes.values()):
                 combo = dict(zip(axes, values))
                 settings, reason, cause = _combo_rule(request, model, combo)

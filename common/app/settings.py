@@ -182,13 +182,14 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def base_config(model: str | None) -> dict:
-    """Copy of the model dict merged with the run defaults (the run defaults alone without a model)."""
+    """Copy of the model's config dict (a preset's, or a ``timm:`` / ``open_clip:`` model's from its
+    family's defaults) merged with the run defaults (the run defaults alone without a model)."""
     config = copy.deepcopy(configs.RUN_DEFAULTS)
     if model is None:
         return config
-    if model not in configs.MODEL_CONFIGS:
-        raise UserError(f"unknown model {model!r}: use one of {', '.join(configs.MODEL_CONFIGS)}")
-    config.update(copy.deepcopy(configs.MODEL_CONFIGS[model]))
+    from common.models.presets import resolve_model
+
+    config.update(resolve_model(model).config)
     return config
 
 
@@ -204,7 +205,9 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         key = pair.key
         if key not in config:
             model_keys = sorted(set().union(*configs.MODEL_CONFIGS.values()) - set(config))
-            hint = (f" ({key} belongs to a model's config: pass --model)" if key in model_keys else "")
+            with_model = "top_k" in config
+            hint = ("" if key not in model_keys else " (a key of other models' config dicts)" if with_model
+                    else f" ({key} belongs to a model's config: pass --model)")
             raise UserError(f"--set {key}: unknown config key{hint}; valid keys: {', '.join(sorted(config))}")
         config[key] = _coerce(key, parse_value(pair.value), config[key])
     return config
@@ -263,9 +266,9 @@ def validate(config: dict, model: str | None) -> dict:
         return config
     if not _is_number(config["scale"]):
         raise UserError(f"scale={config['scale']}: expected a finite number")
-    from common.models.families import get_family
+    from common.models.presets import family_class
 
-    family = get_family(model)
+    family = family_class(model)
     family.architecture(config)   # an unknown backbone_size / model_name is named here
     if config["zero_shot"] and not family.supports_zero_shot:
         raise UserError(f"--zero_shot needs a backbone with a text tower (clip); {model} has none")

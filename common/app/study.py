@@ -3,10 +3,10 @@
 ::
 
     python -m common.study --data pacemaker=DIR orthonet=DIR aptos=DIR --out DIR
-        [--models clip dinov2] [--axes normal_values=zero,mean backbone_size=vitl14,vitl14_reg
-        neurons=detected,paper top_k=10,20,50 feature=cls,patch_mean] [--zero_shot]
-        [--weights clip=PATH dinov2=PATH dinov2:vitl14_reg=PATH] [--set KEY=VALUE ...]
-        [--cache_dir DIR] [--device DEVICE]
+        [--models clip dinov2 uni timm:<name> ...] [--axes normal_values=zero,mean
+        backbone_size=vitl14,vitl14_reg neurons=detected,paper top_k=10,20,50 feature=cls,patch_mean
+        highest_layer=9,19] [--zero_shot] [--weights clip=PATH dinov2=PATH dinov2:vitl14_reg=PATH]
+        [--set KEY=VALUE ...] [--cache_dir DIR] [--device DEVICE] [--shard I/N | --report_only]
     python -m common.study --demo --out DIR [--data aptos orthonet] [--models clip] [--axes ...]
     torchrun --nproc_per_node=N -m common.study ...
 
@@ -32,11 +32,14 @@ writes ``study.json``, the cell logs and the report.
 Writes ``OUT/study.json`` (the plan, each cell's command, status, exit code, seconds, and the
 skipped combinations), ``OUT/logs/<cell>.log`` (the tail of each cell's output), ``OUT/cells/``
 and ``OUT/report/`` (:mod:`common.reporting.studyreport`).
+
+As a job array (:mod:`common.app.shards`): ``--shard I/N`` runs the I-th of N slices of the cells
+and writes ``OUT/shards/shard-I-of-N.json`` instead of ``study.json``; ``--report_only`` writes
+``study.json`` and the report from the cells found.  The arguments: :mod:`common.app.study_args`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
 import importlib.util
@@ -48,163 +51,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from common.app.cli import MODELS, setup_logging
+from common.app.cli import setup_logging
+from common.app.grid import DEMO_SETS, Cell, Request, Skipped, plan_grid
 from common.app.outdir import finished_run
-from common.app.grid import AXES, DEMO_AXES, DEMO_SETS, Cell, Request, Skipped, plan_grid
-from common.app.settings import DatasetSpec, parse_key_values, resolve_config, set_keys
+from common.app.settings import DatasetSpec
+from common.app.shards import STUDY_FILE, grid_id, my_cells, report_command, state_path, statuses_from_states
+from common.app.study_args import parse_args
 from common.errors import EXIT_INTERRUPTED, UserError, run_entry
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATASETS = ("pacemaker", "orthonet", "aptos")
-DEFAULT_MODELS = ("clip", "dinov2")
-STUDY_FILE = "study.json"
 STUDY_FORMAT = "ttr-study/1"
 LOG_TAIL_LINES = 400
-
-
-# --------------------------------------------------------------------------------------------
-# arguments
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (exit 2), like every other bad argument of the study."""
-
-    def error(self, message: str):  # noqa: D401 - argparse's hook
-        raise UserError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m common.study",
-        description="Run the grid a paper needs (each dataset x each backbone x the axes you name), one ordinary "
-                    "run folder per cell, resuming finished cells, then write one report (paper table with "
-                    "Holm-adjusted p-values, per-class deltas, calibration, register-neuron overlap, scores by "
-                    "layer, outlier statistics).")
-    parser.add_argument("--data", nargs="+", default=[], metavar="DATASET=DIR",
-                        help=f"dataset folders, e.g. aptos=/data/aptos; datasets: {', '.join(DATASETS)} "
-                             "(with --demo: dataset names only, default all three)")
-    parser.add_argument("--out", help="study folder: cells/, logs/, report/, study.json")
-    parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                        help=f"backbone families ({', '.join(MODELS)}; default {' '.join(DEFAULT_MODELS)})")
-    parser.add_argument("--axes", nargs="*", default=None, metavar="AXIS=V1,V2",
-                        help="grid axes: " + "; ".join(
-                            f"{a.name} ({', '.join(a.choices) if a.choices else 'positive integers'})"
-                            for a in AXES.values()) + " (--demo default: normal_values=zero,mean)")
-    parser.add_argument("--zero_shot", action="store_true",
-                        help="clip cells also score class-name prompts, no-ttr vs ttr (other models have no text "
-                             "tower; on in --demo)")
-    parser.add_argument("--weights", nargs="+", default=[], metavar="MODEL[:SIZE]=PATH",
-                        help="local checkpoints per model, e.g. clip=PATH dinov2=PATH dinov2:vitl14_reg=PATH "
-                             "(MODEL=PATH serves the configured size only)")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides for every cell (an axis key cannot also be set here)")
-    parser.add_argument("--cache_dir", help="one cache for every cell (default: the tool's default)")
-    parser.add_argument("--device", help="device of every cell: auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--demo", action="store_true",
-                        help="a small grid on the planted fixture: synthetic data in each dataset's real layout "
-                             "under OUT/data/, clip and dinov2, normal_values=zero,mean, trimmed statistics")
-    return parser
-
-
-def _parse_data(items: Sequence[str], demo: bool) -> dict[str, Path | None]:
-    """``--data DATASET=DIR ...``; with ``--demo`` dataset names only (it generates its data)."""
-    form = ("a dataset name only: --demo generates its data (e.g. --data aptos orthonet)" if demo
-            else lambda key: f"{key}=DIR (the {key} dataset folder)")
-    datasets: dict[str, Path | None] = {}
-    for pair in parse_key_values(items, "--data", keys=DATASETS, noun="dataset", unique=True, value=not demo,
-                                 form=form):
-        folder = None if demo else Path(pair.value).expanduser()
-        if folder is not None and not folder.is_dir():
-            raise pair.error(f"no such folder {folder}; pass the {pair.key} dataset folder")
-        datasets[pair.key] = folder
-    return datasets
-
-
-def _parse_axes(items: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    def form(name: str) -> str:
-        return f"the values, e.g. {name}=" + ",".join((AXES[name].choices or ("10", "20"))[:2])
-
-    axes: dict[str, tuple[str, ...]] = {}
-    for pair in parse_key_values(items, "--axes", keys=tuple(AXES), noun="axis", unique=True, form=form):
-        raw = [v for v in pair.value.split(",") if v.strip()]
-        if not raw:
-            raise pair.error(f"expected {form(pair.key)}")
-        axes[pair.key] = tuple(dict.fromkeys(AXES[pair.key].parse(v) for v in raw))
-    return axes
-
-
-def _parse_weights(items: Sequence[str], models: Sequence[str]) -> dict[str, Path]:
-    usage = f"MODEL=PATH or MODEL:SIZE=PATH with MODEL one of {', '.join(MODELS)}"
-    sizes = AXES["backbone_size"].choices
-    weights: dict[str, Path] = {}
-    for pair in parse_key_values(items, "--weights", form=usage):
-        model, _, size = pair.key.partition(":")
-        if model not in MODELS:
-            raise pair.error(f"expected {usage}")
-        if model not in models:
-            raise pair.error(f"{model} is not among --models ({' '.join(models)})")
-        if size and size not in sizes:
-            raise pair.error(f"unknown size {size!r}; valid: {', '.join(sizes)}")
-        path = Path(pair.value).expanduser()
-        if not path.is_file():
-            raise pair.error(f"no such file {path}")
-        weights[pair.key] = path
-    return weights
-
-
-def _check_sets(sets: Sequence[str], models: Sequence[str], axes: dict[str, tuple[str, ...]],
-                demo: bool) -> tuple[int, dict[str, str]]:
-    """Every override valid for every model (as its runs will resolve it); returns the seed and
-    each model's configured backbone_size."""
-    for pair in set_keys(sets):
-        if pair.key in axes:
-            raise pair.error(f"{pair.key} is a grid axis here (--axes {pair.key}=...); set it in one place")
-        if pair.key == "zero_shot":
-            raise pair.error("use the study's --zero_shot flag (it applies to clip cells only)")
-    seed, sizes = 0, {}
-    for model in models:
-        config = resolve_config(model, [*(DEMO_SETS if demo else ()), *sets], demo=demo)
-        seed = int(config["seed"])
-        if "backbone_size" in config:
-            sizes[model] = str(config["backbone_size"])
-    return seed, sizes
-
-
-def parse_args(argv: Sequence[str]) -> Request:
-    """The checked request (UserError naming the argument otherwise); runs nothing."""
-    args = build_parser().parse_args(list(argv))
-    if not args.out:
-        raise UserError("--out is required: the study folder (cells/, report/, study.json)")
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder for the study")
-    if not args.demo and not args.data:
-        raise UserError("--data is required: e.g. --data pacemaker=DIR orthonet=DIR aptos=DIR (or --demo)")
-    if args.demo and args.weights:
-        raise UserError("--weights: --demo runs the planted models; drop --weights")
-    datasets = _parse_data(args.data, args.demo) if args.data else dict.fromkeys(DATASETS)
-    models = tuple(args.models) if args.models else DEFAULT_MODELS
-    for model in models:
-        if model not in MODELS:
-            raise UserError(f"--models {model}: unknown model; use {', '.join(MODELS)}")
-    if len(set(models)) != len(models):
-        raise UserError(f"--models {' '.join(models)}: a model is given twice")
-    if args.axes is None:
-        axes = dict(DEMO_AXES) if args.demo else {}
-    else:
-        axes = _parse_axes(args.axes)
-    weights = _parse_weights(args.weights, models)
-    seed, sizes = _check_sets(args.set, models, axes, args.demo)
-    if args.device:
-        from common.models.devices import resolve_device
-
-        resolve_device(args.device)
-    return Request(out=out, datasets=datasets, models=models, axes=axes, zero_shot=args.zero_shot or args.demo,
-                   weights=weights, sets=tuple(args.set), cache_dir=Path(args.cache_dir).expanduser()
-                   if args.cache_dir else None, device=args.device, demo=args.demo, seed=seed, default_sizes=sizes,
-                   command_line=["python", "-m", "common.study", *argv])
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,11 +189,14 @@ def run_cell(cell: Cell, spec: DatasetSpec, main: bool) -> tuple[int, str]:
 
 
 def study_record(request: Request, cells: list[Cell], skipped: list[Skipped], status: str,
-                 seconds: float | None = None) -> dict:
-    """What ``study.json`` holds (and :mod:`common.reporting.studyreport` reads)."""
+                 seconds: float | None = None, grid: str = "") -> dict:
+    """What ``study.json`` holds (and :mod:`common.reporting.studyreport` reads); a shard's state file
+    holds the same for its own cells.  ``grid``: :func:`common.app.shards.grid_id` of the whole grid."""
     return {
         "format": STUDY_FORMAT,
         "status": status,
+        "grid_id": grid,
+        "shard": list(request.shard) if request.shard else None,
         "demo": request.demo,
         "root": str(ROOT),
         "command_line": request.command_line,
@@ -353,10 +215,10 @@ def study_record(request: Request, cells: list[Cell], skipped: list[Skipped], st
     }
 
 
-def _demo_data(request: Request) -> None:
+def _demo_data(request: Request, cells: list[Cell]) -> None:
     from common.demo.demo import demo_data_at
 
-    for dataset in request.datasets:
+    for dataset in dict.fromkeys(cell.dataset for cell in cells):
         demo_data_at(dataset, request.out / "data" / dataset, request.seed)
 
 
@@ -421,33 +283,39 @@ def run_grid(cells: list[Cell], dist, save: Callable[[], None], runner: Runner =
 
 
 def run_study(request: Request, runner: Runner = run_cell) -> int:
-    """Plan, run the grid, write the report; returns the exit code (0, 1 a cell failed, 130)."""
+    """Plan, run the grid (or this shard's slice of it), write the report (not a shard); returns the
+    exit code (0, 1 a cell failed, 130)."""
     from common import distributed
     from common.io import write_json
 
-    cells, skipped = plan_grid(request)
-    if not cells:
+    all_cells, skipped = plan_grid(request)
+    if not all_cells:
         raise UserError("the grid is empty: every combination was skipped ("
                          + "; ".join(f"{s.combination}: {s.reason}" for s in skipped[:2]) + ")")
+    grid = grid_id(all_cells)
+    if request.report_only:
+        return report_only(request, all_cells, skipped, grid)
+    cells = my_cells(all_cells, request.shard) if request.shard else all_cells
     started = time.monotonic()
-    study_file = request.out / STUDY_FILE
+    state_file = state_path(request.out, request.shard) if request.shard else request.out / STUDY_FILE
     with distributed.session(_session_device(request)) as (dist, _):
         main = dist.is_main
 
         def save(status: str = "running") -> None:
             if main:
-                write_json(study_file, study_record(request, cells, skipped, status,
-                                                    round(time.monotonic() - started, 1)))
+                write_json(state_file, study_record(request, cells, skipped, status,
+                                                    round(time.monotonic() - started, 1), grid))
 
         if main:
             request.out.mkdir(parents=True, exist_ok=True)
             save()
-            log.info("study: %d cells (%d datasets x %d models%s), %d combinations skipped; %s",
-                     len(cells), len(request.datasets), len(request.models),
+            shard = f"shard {request.shard[0]}/{request.shard[1]}: {len(cells)} of " if request.shard else ""
+            log.info("study: %s%d cells (%d datasets x %d models%s), %d combinations skipped; %s",
+                     shard, len(all_cells), len(request.datasets), len(request.models),
                      "".join(f" x {axis} {','.join(v)}" for axis, v in request.axes.items()), len(skipped),
-                     study_file)
+                     state_file)
             if request.demo:
-                _demo_data(request)
+                _demo_data(request, cells)
         dist.barrier()  # the demo's data is complete before any rank reads it
         complete = run_grid(cells, dist, save, runner)
         if not complete:
@@ -457,16 +325,43 @@ def run_study(request: Request, runner: Runner = run_cell) -> int:
             return EXIT_INTERRUPTED
         failed = [cell for cell in cells if cell.status == "failed"]
         save("done" if not failed else "failed cells")
-        if main:
+        if main and request.shard:
+            _progress(f"shard {request.shard[0]}/{request.shard[1]}: {len(cells)} cells "
+                      f"({sum(c.status == 'resumed' for c in cells)} resumed, {len(failed)} failed) in "
+                      f"{_duration(time.monotonic() - started)}; state: {state_file}; once every shard has "
+                      f"finished: {report_command(request.command_line)}")
+        elif main:
             from common.reporting.studyreport import write_report
 
             report = write_report(study_record(request, cells, skipped, "done" if not failed else "failed cells",
-                                               round(time.monotonic() - started, 1)), request.out / "report")
+                                               round(time.monotonic() - started, 1), grid), request.out / "report")
             _progress(f"study: {len(cells)} cells ({sum(c.status == 'resumed' for c in cells)} resumed, "
                       f"{len(failed)} failed) in {_duration(time.monotonic() - started)}; report: {report}")
-            if failed:
-                _progress("failed cells: " + ", ".join(f"{c.name} (exit {c.exit_code})" for c in failed))
+        if main and failed:
+            _progress("failed cells: " + ", ".join(f"{c.name} (exit {c.exit_code})" for c in failed))
     return 1 if failed else 0
+
+
+def report_only(request: Request, cells: list[Cell], skipped: list[Skipped], grid: str) -> int:
+    """``--report_only``: each cell's status from the state files (:mod:`common.app.shards`),
+    ``study.json`` and the report from the cells found; 0 when every cell finished, else 1."""
+    from common.distributed import is_main_process
+    from common.io import write_json
+    from common.reporting.studyreport import write_report
+
+    if not is_main_process():     # under torchrun: one writer
+        return 0
+    for note in statuses_from_states(request.out, cells, finished):
+        log.warning("%s", note)
+    failed = [cell for cell in cells if cell.status == "failed"]
+    pending = [cell for cell in cells if cell.status not in ("done", "resumed", "failed")]
+    status = "done" if not failed and not pending else "failed cells" if not pending else "incomplete"
+    record = study_record(request, cells, skipped, status, None, grid)
+    write_json(request.out / STUDY_FILE, record)
+    report = write_report(record, request.out / "report")
+    _progress(f"study report from {len(cells) - len(pending)} of {len(cells)} cells ({len(failed)} failed"
+              + (f"; not run yet: {', '.join(c.name for c in pending)}" if pending else "") + f"): {report}")
+    return 0 if status == "done" else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 The data is written in the layout most users have of the script's dataset (APTOS three-way
 Kaggle release, OrthoNet Kaggle CSVs, Pacemaker Train/Test folders), so the real loader reads it;
-the backbone is the planted-register fixture of the chosen family.  Nothing is downloaded.
+the backbone is a small planted-register model of the chosen model's structure (its family, token
+layout, MLP type and trained registers).  Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ DEMO_FOLDER = "synthetic_data"
 DEMO_SETTINGS = {"num_workers": 0, "probe_max_epochs": 1500}
 
 
-def demo_defaults(family: str) -> dict:
+def demo_defaults(model: str) -> dict:
     """Config values a demo runs with before ``--set`` applies: the fixture's and the demo's."""
-    return {**fixture_config(family), **DEMO_SETTINGS}
+    return {**fixture_config(model), **DEMO_SETTINGS}
 
 
 def demo_data_at(dataset: str, folder: Path, seed: int) -> Path:
@@ -45,6 +46,6 @@ def demo_data(dataset: str, out: Path, seed: int) -> Path:
     return demo_data_at(dataset, Path(out) / DEMO_FOLDER, seed)
 
 
-def demo_model(family: str, seed: int, precision: str = "fp32") -> PlantedModel:
-    """The planted fixture of ``family`` a demo runs."""
-    return make_planted_model(family, seed=seed, precision=precision)
+def demo_model(model: str, seed: int, precision: str = "fp32") -> PlantedModel:
+    """The planted model of ``--model model``'s structure a demo runs."""
+    return make_planted_model(model, seed=seed, precision=precision)

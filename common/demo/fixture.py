@@ -1,6 +1,7 @@
 """The planted-register fixture (docs/demo.md): small ViTs with register neurons put in by hand.
 
-A randomly initialised (seeded) small ViT of any family gets a circuit that makes a few MLP
+A randomly initialised (seeded) small ViT of any model's structure (its family, token layout, MLP
+type, trained registers: the family's ``create`` with small dimensions) gets a circuit that makes a few MLP
 neurons in a middle layer fire strongly on *uniform* background patches and write one large
 vector into the residual stream, so high-norm outlier tokens appear as in pretrained ViTs - and,
 as there, the outlier tokens are *attention sinks*: in the later layers the CLS query attends to
@@ -23,6 +24,8 @@ The circuit, in reserved residual dimensions (nothing else writes into them):
   reads it and the matching key coordinate reads the outlier direction, so CLS attends to
   whatever token carries the outlier write: the outlier patches without test-time registers,
   the register under ttr (where the intervention moves the write).
+
+Where each piece is written in a given library's ViT: :mod:`common.demo.planting`.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import configs
+from common.demo.planting import Parts, parts_of, set_neuron_input
 from common.models.backbone import Backbone, backbone_from_module
 from common.models.families import FamilyAdapter, get_family
+from common.models.family import SmallDims, TextEncoder, seeded_init
+from common.models.presets import resolve_model
 
 FILTER_DIMS = (0, 1, 2, 3)
 ENERGY_DIM = 4
@@ -51,8 +56,8 @@ MLP_RATIO = 4.0
 PLANTED_LAYER = 2
 NUM_PLANTED = 3
 
-# Circuit gains shared by every family (the family-specific ones are its adapter's
-# ``planting``; tests/test_fixture.py prints the margins they give).
+# Circuit gains shared by every model (those of a kind of model are its planting parts'
+# ``gains``; tests/demo/test_fixture.py prints the margins they give).
 CLS_ENERGY = 30.0
 PLANTED_GATE_GAIN = 12.0
 PLANTED_ENERGY_GAIN = 12.0
@@ -68,6 +73,10 @@ SINK_KEY_GAIN = 1.0
 TRAINED_REGISTER_NORM = 200.0
 
 
+# The fixture's text tower: small, but with CLIP's own tokenizer and vocabulary.
+SMALL_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}
+
+
 @dataclass
 class PlantedModel:
     """A planted backbone, the config dict to run it with, and the ground truth."""
@@ -76,6 +85,7 @@ class PlantedModel:
     config: dict
     planted: list[tuple[int, int]]       # (layer, neuron) pairs
     family: str
+    model: str                           # the --model name whose structure it has
 
 
 def _high_pass_filters(patch_size: int) -> torch.Tensor:
@@ -104,7 +114,8 @@ def _border_mask(grid: int) -> torch.Tensor:
 def _plant(adapter: FamilyAdapter, seed: int) -> list[tuple[int, int]]:
     generator = torch.Generator().manual_seed(seed + 1)
     reserved = list(RESERVED_DIMS)
-    gains = adapter.planting
+    parts = parts_of(adapter)
+    gains = parts.gains
     depth = len(adapter.blocks)
     grid = IMAGE_SIZE // PATCH_SIZE
 
@@ -116,7 +127,7 @@ def _plant(adapter: FamilyAdapter, seed: int) -> list[tuple[int, int]]:
                 linear.bias[reserved] = 0.0
 
     # Patch embedding: high-pass filters (same on every colour channel) into FILTER_DIMS.
-    weight, bias = adapter.patch_embedding()
+    weight, bias = parts.patch_embedding()
     weight[reserved] = 0.0
     filters = _high_pass_filters(PATCH_SIZE) * gains.filter
     for i, dim in enumerate(FILTER_DIMS):
@@ -124,58 +135,56 @@ def _plant(adapter: FamilyAdapter, seed: int) -> list[tuple[int, int]]:
     if bias is not None:
         bias[reserved] = 0.0
 
-    table, first_patch = adapter.position_embedding()
+    table, first_patch = parts.position_embedding()
     table[:, reserved] = 0.0
     table[first_patch:, GATE_DIM] = _border_mask(grid).float() * gains.gate
-    cls = adapter.cls_embedding()
+    cls = parts.cls_embedding()
     cls[reserved] = 0.0
     cls[ENERGY_DIM] = CLS_ENERGY
     cls[CLS_DIM] = CLS_MARK
-    trained = adapter.trained_register_embedding()
+    trained = parts.trained_register_embedding()
     if trained is not None:
         trained[:, reserved] = 0.0
         trained[:, ENERGY_DIM] = CLS_ENERGY                  # never fires, like CLS
         trained.mul_(TRAINED_REGISTER_NORM / trained.norm(dim=1, keepdim=True))
 
     # Block planted_layer - 1: |filter| detectors writing the texture energy.
-    fc_in, fc_out = adapter.mlp_in(PLANTED_LAYER - 1), adapter.mlp_out(PLANTED_LAYER - 1)
-    hidden = fc_in.out_features
+    width, hidden = adapter.width, adapter.mlp_width
+    mlp, fc_out = parts.mlp(PLANTED_LAYER - 1), adapter.mlp_out(PLANTED_LAYER - 1)
     energy_neurons = list(range(hidden - 2 * len(FILTER_DIMS), hidden))
     for k, neuron in enumerate(energy_neurons):
         dim, sign = FILTER_DIMS[k // 2], (1.0 if k % 2 == 0 else -1.0)
-        fc_in.weight[neuron] = 0.0
-        fc_in.weight[neuron, dim] = sign * gains.energy
-        fc_in.bias[neuron] = 0.0
+        row = torch.zeros(width)
+        row[dim] = sign * gains.energy
+        set_neuron_input(mlp, neuron, row, 0.0)
         fc_out.weight[:, neuron] = 0.0
         fc_out.weight[ENERGY_DIM, neuron] = gains.energy_write
 
     # Block planted_layer: the register neurons, reading gate - energy, writing one big vector.
-    fc_in, fc_out = adapter.mlp_in(PLANTED_LAYER), adapter.mlp_out(PLANTED_LAYER)
-    hidden = fc_in.out_features
+    mlp, fc_out = parts.mlp(PLANTED_LAYER), adapter.mlp_out(PLANTED_LAYER)
     planted = sorted(torch.randperm(hidden, generator=generator)[:NUM_PLANTED].tolist())
     direction = torch.randn(fc_out.out_features, generator=generator)
     direction[reserved] = 0.0
     direction = direction / direction.norm() * WRITE_NORM
     for neuron in planted:
-        fc_in.weight[neuron] = 0.0
-        fc_in.weight[neuron, GATE_DIM] = PLANTED_GATE_GAIN
-        fc_in.weight[neuron, ENERGY_DIM] = -PLANTED_ENERGY_GAIN
-        fc_in.bias[neuron] = PLANTED_BIAS
+        row = torch.zeros(width)
+        row[GATE_DIM], row[ENERGY_DIM] = PLANTED_GATE_GAIN, -PLANTED_ENERGY_GAIN
+        set_neuron_input(mlp, neuron, row, PLANTED_BIAS)
         fc_out.weight[:, neuron] = direction
 
     # Later blocks: the outlier tokens become attention sinks for the CLS query.
-    _plant_sinks(adapter, direction / direction.norm())
+    _plant_sinks(adapter, parts, direction / direction.norm())
     return [(PLANTED_LAYER, int(n)) for n in planted]
 
 
-def _plant_sinks(adapter: FamilyAdapter, direction: torch.Tensor) -> None:
+def _plant_sinks(adapter: FamilyAdapter, parts: Parts, direction: torch.Tensor) -> None:
     """In each block after the planted one, per head: query coordinate c reads ``CLS_DIM`` and key
     coordinate c reads ``direction`` (its rotary partner, if any, is silenced)."""
     width, heads = adapter.width, adapter.num_heads
     head_dim = width // heads
-    coordinate, partner = adapter.stable_qk_coordinate()
+    coordinate, partner = parts.stable_qk_coordinate()
     for layer in range(PLANTED_LAYER + 1, len(adapter.blocks)):
-        weight, bias = adapter.qkv_projection(layer)                # [3d, d], [3d]
+        weight, bias = parts.qkv_projection(layer)                  # [3d, d], [3d]
         for head in range(heads):
             query_row = head * head_dim + coordinate
             key_row = width + head * head_dim + coordinate
@@ -190,9 +199,10 @@ def _plant_sinks(adapter: FamilyAdapter, direction: torch.Tensor) -> None:
                 bias[rows] = 0.0
 
 
-def fixture_config(family: str, num_planted: int = NUM_PLANTED) -> dict:
-    """The model config the fixture runs with (the keys of the family's dict in ``configs.py``)."""
-    base = dict(configs.MODEL_CONFIGS[family])
+def fixture_config(model: str, num_planted: int = NUM_PLANTED) -> dict:
+    """The config a planted model of ``--model model``'s structure runs with (its config dict, with
+    the fixture's threshold and selection)."""
+    base = resolve_model(model).config
     base.update({
         "device": "cpu",
         "register_norm_threshold": 60,
@@ -202,29 +212,43 @@ def fixture_config(family: str, num_planted: int = NUM_PLANTED) -> dict:
     return base
 
 
-def make_planted_model(family: str, seed: int = 0, device: str | torch.device = "cpu", *,
-                       trained_registers: int | None = None, precision: str = "fp32") -> PlantedModel:
-    """A small ViT of ``family`` with register neurons planted.  Deterministic for ``seed``.
+def small_text_encoder(embed_dim: int, seed: int) -> TextEncoder:
+    """A small randomly initialised CLIP text tower (CLIP's tokenizer) in a ``embed_dim`` space."""
+    import open_clip
+    from open_clip.transformer import TextTransformer
 
-    ``trained_registers`` (families that have them: DINOv2 0 or 4, DINOv3 4) gives the model
-    high-norm trained registers, which detection must ignore.
+    tower = seeded_init(seed, lambda: TextTransformer(output_dim=embed_dim, **SMALL_TEXT)).eval()
+    for parameter in tower.parameters():
+        parameter.requires_grad_(False)
+    return TextEncoder(encode=tower, tokenizer=open_clip.get_tokenizer("ViT-B-16"), logit_scale=100.0, module=tower)
+
+
+def make_planted_model(model: str, seed: int = 0, device: str | torch.device = "cpu", *,
+                       trained_registers: int | None = None, precision: str = "fp32") -> PlantedModel:
+    """A small ViT of ``--model model``'s structure with register neurons planted.  Deterministic
+    for ``seed``.
+
+    ``trained_registers`` gives the model that many high-norm trained registers (detection must
+    ignore them) instead of the configured count.
     """
-    adapter_class = get_family(family)
-    dims = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, width=WIDTH, depth=DEPTH, heads=HEADS,
-                mlp_ratio=MLP_RATIO)
-    if trained_registers is not None:
-        dims["trained_registers"] = trained_registers
-    model = adapter_class.build_small(seed, **dims)
-    adapter = adapter_class(model)
+    choice = resolve_model(model)
+    adapter_class = get_family(choice.family)
+    dims = SmallDims(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, width=WIDTH, depth=DEPTH, heads=HEADS,
+                     mlp_ratio=MLP_RATIO, trained_registers=trained_registers)
+    module = adapter_class.create(choice.config, seed, dims)
+    adapter = adapter_class.wrap(module)
     planted = _plant(adapter, seed)
     # a text tower for zero-shot demos (families with one), in the pooled feature's space
-    text = adapter_class.small_text_encoder(int(adapter.project(torch.zeros(1, WIDTH)).shape[-1]), seed)
+    text = (small_text_encoder(int(adapter.project(torch.zeros(1, WIDTH)).shape[-1]), seed)
+            if adapter_class.supports_zero_shot else None)
     registers = "" if trained_registers is None else f", {trained_registers} trained registers"
     backbone = backbone_from_module(
-        family, model, description=f"planted {family} fixture (seed {seed}{registers})",
-        weights_id=f"planted-{family}-seed-{seed}{registers.replace(', ', '-').replace(' ', '-')}",
+        model, module, preprocess=adapter_class.preprocess(choice.config, image_size=IMAGE_SIZE),
+        description=f"planted {model} fixture (seed {seed}{registers})",
+        weights_id=f"planted-{model}-seed-{seed}{registers.replace(', ', '-').replace(' ', '-')}",
         device=device, precision=precision, text=text)
-    return PlantedModel(backbone=backbone, config=fixture_config(family), planted=planted, family=family)
+    return PlantedModel(backbone=backbone, config=fixture_config(model), planted=planted, family=choice.family,
+                        model=model)
 
 
 def fixture_images(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> np.ndarray:

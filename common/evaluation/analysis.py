@@ -132,7 +132,8 @@ def _run_mode(hooked: HookedViT, pixels: torch.Tensor, normalise: Callable[[torc
     patches, registers = layout.patch_slice, layout.register_slice
     last = depth - 1
     layers = tuple(range(depth))
-    names = [resid_post(l) for l in layers] + [attn_cls_pattern(l) for l in layers]
+    with_cls = backbone.has_cls      # without a class token there is no CLS attention: NaN (a note says so)
+    names = [resid_post(l) for l in layers] + ([attn_cls_pattern(l) for l in layers] if with_cls else [])
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
         "max_norm", "max_att", "detect", "reg", "entropy", "on_reg", "on_patch", "fig_norm", "fig_att", "fig_reg")}
     seen = 0
@@ -146,7 +147,8 @@ def _run_mode(hooked: HookedViT, pixels: torch.Tensor, normalise: Callable[[torc
         parts["max_norm"].append(patch_norms.amax(dim=2).cpu().numpy())
         parts["detect"].append(patch_norms[:, detect_layer].cpu().numpy())
         parts["reg"].append(norms[:, detect_layer, registers].cpu().numpy())
-        attention = torch.stack([cache[attn_cls_pattern(l)] for l in layers], dim=1)          # [B, L, H, N]
+        attention = (torch.stack([cache[attn_cls_pattern(l)] for l in layers], dim=1) if with_cls   # [B, L, H, N]
+                     else torch.full((batch, depth, backbone.num_heads, layout.total), math.nan))
         patch_attention = attention[..., patches]                                             # [B, L, H, P]
         parts["max_att"].append(patch_attention.amax(dim=(2, 3)).cpu().numpy())
         final = patch_attention[:, last]                                                      # [B, H, P]
@@ -213,7 +215,8 @@ def analyse(
         else:
             results[mode] = _run_mode(hooked, pixels, normalise, setup, detect_index, figure_count, batch_size,
                                       desc=f"analysis {mode}")
-    notes = []
+    notes = [] if backbone.has_cls else ["this model has no class token: the CLS attention statistics and maps "
+                                         "are skipped (n/a)"]
     threshold = float(threshold) if threshold is not None else math.nan
     if not math.isfinite(threshold):
         from common.registers.detection import suggest_threshold

@@ -2,8 +2,9 @@
 
 :func:`load_backbone` resolves the weights (``--weights PATH``, else the library's cache, else
 the hub; one clear error naming the file to fetch when none works), lets the family build and
-convert, and returns a :class:`Backbone` in eval mode with frozen parameters.  Everything
-family-specific lives in :mod:`common.models.families`.
+convert, and returns a :class:`Backbone` in eval mode with frozen parameters.  Which family a
+``--model`` name stands for is :mod:`common.models.presets`'s; everything family-specific lives in
+:mod:`common.models.families`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from common.models.families import FamilyAdapter, ModelIdentity, get_family
 from common.models.family import TextEncoder
+from common.models.presets import family_class, family_of
 from common.models.weights import check_weights_file, fetch
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -32,11 +34,11 @@ def _from_adapter(name: str, doc: str) -> property:
 class Backbone:
     """A vision transformer, its preprocess and what identifies it.
 
-    Token order inside every block: ``[CLS, trained registers (T), patches (P)]``; test-time
-    registers, when a hook appends them, come last.
+    Token order inside every block: ``[CLS, trained registers (T), patches (P)]`` (no CLS in a
+    model without a class token); test-time registers, when a hook appends them, come last.
     """
 
-    family: str                       # "clip" | "dinov2" | "dinov3"
+    family: str                       # "clip" | "timm" | "dinov2" | "dinov3" (common.models.families)
     adapter: FamilyAdapter            # the family's view of ``model``
     preprocess: Callable[[Any], torch.Tensor]   # PIL image -> [3, H, W]
     device: torch.device
@@ -45,11 +47,13 @@ class Backbone:
     identity: ModelIdentity           # family, architecture, depth, MLP width, weights name
     precision: str = "fp32"           # "fp32" | "bf16" (autocast for the forward passes)
     text: TextEncoder | None = None   # the text tower, for zero-shot classification (CLIP, when asked for)
+    name: str = ""                    # the --model name (a preset, timm:<name>, open_clip:<arch>:<tag>)
 
     # What the family adapter answers about the built model (common.models.family.FamilyAdapter).
     model = _from_adapter("model", "The nn.Module.")
     blocks = _from_adapter("blocks", "The transformer blocks, in order.")
-    num_prefix_tokens = _from_adapter("num_prefix_tokens", "CLS plus trained registers (1 + T).")
+    num_prefix_tokens = _from_adapter("num_prefix_tokens", "CLS (if any) plus trained registers.")
+    has_cls = _from_adapter("has_cls", "Whether token 0 is a class token.")
     grid_size = _from_adapter("grid_size", "(rows, cols) of the image-patch grid.")
     width = _from_adapter("width", "d: the residual-stream width.")
     mlp_width = _from_adapter("mlp_width", "D_mlp: the neurons of one block's MLP.")
@@ -106,12 +110,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def resolve_weights(family: str, config: dict, weights: str | Path | None) -> str:
+def resolve_weights(model: str, config: dict, weights: str | Path | None) -> str:
     """Local path of the weights a real run uses: ``--weights``, else a library cache, else a
     download; a :class:`common.errors.UserError` saying what to fetch when none works.  Cheap to call first."""
     if weights is not None:
         return str(check_weights_file(weights))
-    adapter = get_family(family)
+    adapter = family_class(model)
     hint = adapter.weights_hint(config)       # validates the configured names first
     return adapter.cached_weights(config) or fetch(hint)
 
@@ -124,7 +128,7 @@ def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def load_backbone(
-    family: str,
+    model: str,
     config: dict,
     *,
     device: torch.device | str = "cpu",
@@ -133,39 +137,38 @@ def load_backbone(
     seed: int = 0,
     precision: str = "fp32",
 ) -> Backbone:
-    """Build a backbone in eval mode on ``device``.
+    """Build ``--model model`` (a preset, ``timm:<name>``, ``open_clip:<arch>:<tag>`` or a family's
+    name) configured by ``config``, in eval mode on ``device``.
 
     ``random_init=True`` (seeded random weights) exists for tests and benchmarks; a real run
     never sets it.  torch's global RNG is left as it was.
     """
+    family = family_of(model)
     adapter_class = get_family(family)
     if random_init and weights is not None:
         raise ValueError("random_init and weights are mutually exclusive")
-    weights_file = None if random_init else resolve_weights(family, config, weights)
+    weights_file = None if random_init else resolve_weights(model, config, weights)
     built = adapter_class.build(config, weights_file, seed)
     device = torch.device(device)
-    adapter = adapter_class(_frozen(built.model, device))
-    identity = ModelIdentity(family, adapter_class.architecture(config), len(adapter.blocks),
-                             adapter.mlp_width,
-                             "random-init" if random_init else adapter_class.weights_name(config))
+    adapter = adapter_class.wrap(_frozen(built.model, device))
+    identity = adapter.identity_of(family, adapter_class.architecture(config),
+                                   "random-init" if random_init else adapter_class.weights_name(config))
     return Backbone(family=family, adapter=adapter, preprocess=built.preprocess, device=device,
                     description=built.description, weights_id=built.weights_id, identity=identity,
                     precision=resolve_precision(precision, device),
-                    text=built.text.to(device) if built.text is not None else None)
+                    text=built.text.to(device) if built.text is not None else None, name=model)
 
 
-def backbone_from_module(family: str, model: nn.Module, *, preprocess: Callable | None = None,
-                         description: str, weights_id: str, device: str | torch.device = "cpu",
-                         precision: str = "fp32", text: TextEncoder | None = None) -> Backbone:
-    """Wrap an already built module (the demo fixture's small models) as a :class:`Backbone`."""
-    adapter_class = get_family(family)
+def backbone_from_module(model: str, module: nn.Module, *, preprocess: Callable, description: str, weights_id: str,
+                         device: str | torch.device = "cpu", precision: str = "fp32",
+                         text: TextEncoder | None = None) -> Backbone:
+    """Wrap an already built module of ``--model model``'s family (the demo's small planted models)
+    as a :class:`Backbone`."""
+    family = family_of(model)
     device = torch.device(device)
-    adapter = adapter_class(_frozen(model, device))
-    if preprocess is None:
-        preprocess = adapter_class.small_preprocess(adapter.input_size)
-    identity = ModelIdentity(family, f"planted-{family}", len(adapter.blocks),
-                             adapter.mlp_width, weights_id)
+    adapter = get_family(family).wrap(_frozen(module, device))
+    identity = adapter.identity_of(family, f"planted-{model}", weights_id)
     return Backbone(family=family, adapter=adapter, preprocess=preprocess, device=device,
                     description=description, weights_id=weights_id, identity=identity,
                     precision=resolve_precision(precision, device),
-                    text=text.to(device) if text is not None else None)
+                    text=text.to(device) if text is not None else None, name=model)

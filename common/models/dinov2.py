@@ -7,29 +7,25 @@ feature is the final-norm CLS token.  The position embedding is resampled from t
 antialias for the plain models; target size with antialias for the register models): timm's own
 load-time resampling differs, and the thresholds and published neurons were found on Meta's path.
 
-Hook attachment:
-
-* registers: a forward hook on ``patch_drop`` (right after ``_pos_embed``);
-* q/k: a forward hook on ``attn.qkv``: q and k are taken from its output through
-  ``q_norm``/``k_norm`` (no recomputation).
+Everything about the built model (its parts, where registers are appended, q/k) is the generic
+timm adapter's (:mod:`common.models.timm_vit`); this family adds the sizes, Meta's checkpoints and
+the 224 px position grid.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
-from common.models.family import (
-    BlockParts, Built, FamilyAdapter, ModelIdentity, PlantingGains, QKStore,
-    eval_preprocess, seeded_init, with_registers
-)
-from common.models.weights import WeightsHint, file_identity, load_state_dict
+from common.models.family import SmallDims, eval_preprocess
+from common.models.timm_vit import TimmViTAdapter
+from common.models.weights import WeightsHint
 
 IMAGE_SIZE = 224
 RESIZE = 256
@@ -104,16 +100,13 @@ def convert_state_dict(state: dict[str, torch.Tensor], arch: str) -> dict[str, t
     return state
 
 
-class Dinov2Adapter(FamilyAdapter):
+class Dinov2Adapter(TimmViTAdapter):
     name = "dinov2"
     title = "DINOv2"
     sizes = ARCHS
     pretrained_tag = PRETRAINED_TAG    # timm's tag of the released weights
-    # No norm before the blocks: raw filter responses stay small (they would make textured
-    # patches high-norm on their own) and are amplified downstream.
-    planting = PlantingGains(filter=1.5, energy=24.0, energy_write=0.1, gate=20.0)
-    # fc2's input is the activation output, or SwiGLU's gated product (vitg14): the neurons.
-    block_parts = BlockParts(mlp_in="mlp.fc1", mlp_out="mlp.fc2", attn_out="attn.proj")
+    building_keys = ("backbone_size",)
+    generic_defaults = {}
 
     # ---------------------------------------------------------------- a configured model
     @classmethod
@@ -124,19 +117,26 @@ class Dinov2Adapter(FamilyAdapter):
         return cls.sizes[size]
 
     @classmethod
-    def _create(cls, arch: str, **kwargs) -> nn.Module:
+    def _create(cls, config: dict, **overrides) -> nn.Module:
         import timm
 
-        return timm.create_model(arch, pretrained=False, num_classes=0, img_size=IMAGE_SIZE, **kwargs)
+        return timm.create_model(cls.architecture(config), pretrained=False, num_classes=0,
+                                 **{"img_size": IMAGE_SIZE, **overrides})
 
     @classmethod
-    def identity(cls, config: dict) -> ModelIdentity:
-        arch = cls.architecture(config)
-        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-            model = cls._create(arch)
-        adapter = cls(model)
-        return ModelIdentity(cls.name, arch, len(adapter.blocks), adapter.mlp_width,
-                             cls.weights_name(config))
+    def _small_overrides(cls, config: dict, dims: SmallDims) -> dict[str, Any]:
+        # DINOv2-style: live layer scale; with trained registers (like *_reg4_dinov2) no prefix
+        # position at all.
+        overrides: dict[str, Any] = dict(img_size=dims.image_size, patch_size=dims.patch_size, embed_dim=dims.width,
+                                         depth=dims.depth, num_heads=dims.heads, mlp_ratio=dims.mlp_ratio,
+                                         init_values=1.0)
+        if dims.trained_registers is not None:
+            overrides.update(reg_tokens=dims.trained_registers, no_embed_class=dims.trained_registers > 0)
+        return overrides
+
+    @classmethod
+    def preprocess(cls, config: dict, image_size: int | None = None) -> Callable:
+        return eval_preprocess(RESIZE, IMAGE_SIZE) if image_size is None else eval_preprocess(image_size, image_size)
 
     @classmethod
     def weights_name(cls, config: dict) -> str:
@@ -165,102 +165,10 @@ class Dinov2Adapter(FamilyAdapter):
         return str(path) if path.is_file() else None
 
     @classmethod
-    def _convert(cls, state: dict, arch: str) -> dict:
-        return convert_state_dict(state, arch)
+    def convert(cls, state: dict, model: nn.Module, config: dict) -> dict:
+        return convert_state_dict(state, cls.architecture(config))
 
     @classmethod
-    def build(cls, config: dict, weights_file: str | None, seed: int) -> Built:
-        arch = cls.architecture(config)
-        model = seeded_init(seed, lambda: cls._create(arch))
-        if weights_file is None:
-            weights_id = f"random-init-seed-{seed}"
-        else:
-            state = load_state_dict(Path(weights_file))
-            try:
-                model.load_state_dict(cls._convert(state, arch), strict=True)
-            except (RuntimeError, KeyError, ValueError) as error:
-                hint = cls.weights_hint(config)
-                raise UserError(f"--weights {weights_file}: not a {cls.title} {config['backbone_size']} "
-                                f"checkpoint ({str(error).splitlines()[0][:160]}); pass {hint.shown_file} of "
-                                f"{hint.repo_id}" + (f" or {hint.alternative}" if hint.alternative else "")) from None
-            weights_id = f"{arch}|" + file_identity(weights_file)
-        description = f"timm {arch} " + ("random init" if weights_file is None else str(weights_file))
-        return Built(model=model, preprocess=eval_preprocess(RESIZE, IMAGE_SIZE), weights_id=weights_id,
-                     description=description)
-
-    @classmethod
-    def build_small(cls, seed: int, *, image_size: int, patch_size: int, width: int, depth: int,
-                    heads: int, mlp_ratio: float, trained_registers: int = 0) -> nn.Module:
-        from timm.models.vision_transformer import VisionTransformer
-
-        # DINOv2-style: layer scale, final-norm CLS output; the CLS token in the position
-        # embedding, or (with trained registers, like *_reg4_dinov2) no prefix position at all.
-        return seeded_init(seed, lambda: VisionTransformer(
-            img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth, num_heads=heads,
-            mlp_ratio=mlp_ratio, init_values=1.0, num_classes=0, qkv_bias=True,
-            reg_tokens=trained_registers, no_embed_class=trained_registers > 0))
-
-    # ---------------------------------------------------------------- a built model's parts
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return list(self.model.blocks)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.model.num_prefix_tokens)
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)
-
-    @property
-    def width(self) -> int:
-        return int(self.model.embed_dim)
-
-    @property
-    def input_size(self) -> int:
-        return int(self.model.patch_embed.img_size[0])
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.norm
-
-    @property
-    def activation(self) -> str:
-        mlp = self.blocks[0].mlp
-        name = type(mlp.act).__name__
-        return f"SwiGLU({name})" if "SwiGLU" in type(mlp).__name__ else name
-
-    # ---------------------------------------------------------------- hook attachment
-    def attach_registers(self, num_registers, on_tokens):
-        return [self.model.patch_drop.register_forward_hook(
-            lambda module, args, output: with_registers(output, num_registers, on_tokens))]
-
-    def attach_qk(self, layer: int, store: QKStore):
-        attention = self.blocks[layer].attn  # timm Attention
-
-        def hook(module, args, output):
-            batch, tokens, _ = output.shape
-            qkv = output.reshape(batch, tokens, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
-            store(attention.q_norm(qkv[0]), attention.k_norm(qkv[1]))
-
-        return attention.qkv.register_forward_hook(hook)
-
-    # ---------------------------------------------------------------- fixture planting
-    def patch_embedding(self):
-        projection = self.model.patch_embed.proj
-        return projection.weight, projection.bias
-
-    def position_embedding(self) -> tuple[torch.Tensor, int]:
-        table = self.model.pos_embed[0]
-        return table, 0 if self.model.no_embed_class else self.num_prefix_tokens
-
-    def cls_embedding(self) -> torch.Tensor:
-        return self.model.cls_token[0, 0]
-
-    def trained_register_embedding(self) -> torch.Tensor | None:
-        return None if self.model.reg_token is None else self.model.reg_token[0]
-
-    def qkv_projection(self, layer: int):
-        qkv = self.blocks[layer].attn.qkv
-        return qkv.weight, qkv.bias
+    def generic_config(cls, spec: str) -> dict:
+        raise UserError(f"{cls.name} takes backbone_size, not a name; use --model {cls.name} "
+                        "--set backbone_size=..., or --model timm:<name>")

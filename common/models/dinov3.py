@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from common.models.dinov2 import Dinov2Adapter
-from common.models.family import QKStore, appending_pre_hook, seeded_init
+from common.models.family import QKStore, SmallDims, appending_pre_hook, seeded_init
 from common.models.weights import WeightsHint
 
 PRETRAINED_TAG = "lvd1689m"
@@ -54,10 +54,11 @@ class Dinov3Adapter(Dinov2Adapter):
     pretrained_tag = PRETRAINED_TAG
 
     @classmethod
-    def _create(cls, arch: str, **kwargs) -> nn.Module:
+    def _create(cls, config: dict, **overrides) -> nn.Module:
         import timm
 
-        return timm.create_model(arch, pretrained=False, num_classes=0, img_size=224, global_pool="token", **kwargs)
+        return timm.create_model(cls.architecture(config), pretrained=False, num_classes=0, img_size=224,
+                                 global_pool="token", **overrides)
 
     @classmethod
     def weights_hint(cls, config: dict) -> WeightsHint:
@@ -74,28 +75,28 @@ class Dinov3Adapter(Dinov2Adapter):
         return None
 
     @classmethod
-    def _convert(cls, state: dict, arch: str) -> dict:
+    def convert(cls, state: dict, model: nn.Module, config: dict) -> dict:
         """timm's Eva filter converts Meta's DINOv3 keys (storage tokens, layer scales, qkv bias)."""
         from timm.models.eva import checkpoint_filter_fn
 
-        with torch.device("meta"):
-            template = cls._create(arch)
-        return checkpoint_filter_fn(dict(state), template)
+        return checkpoint_filter_fn(dict(state), model)
 
     @classmethod
-    def build_small(cls, seed: int, *, image_size: int, patch_size: int, width: int, depth: int,
-                    heads: int, mlp_ratio: float, trained_registers: int = 4) -> nn.Module:
+    def create(cls, config: dict, seed: int, dims: SmallDims | None = None) -> nn.Module:
+        if dims is None:
+            return seeded_init(seed, lambda: cls._create(config))
         from timm.layers import LayerNorm
         from timm.models.eva import Eva
 
         # DINOv3-style: RoPE, 4 trained registers, layer scale, final-norm CLS.  Unlike DINOv3 the
-        # fixture also carries a learned absolute position embedding: the planted circuit reads
-        # it to mark the border patches where its registers may form.
+        # small model also carries a learned absolute position embedding: the demo's planted circuit
+        # reads it to mark the border patches where its registers may form.
+        registers = 4 if dims.trained_registers is None else dims.trained_registers
         return seeded_init(seed, lambda: Eva(
-            img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth, num_heads=heads,
-            mlp_ratio=mlp_ratio, qkv_bias=False, init_values=1.0, rope_type="dinov3", rope_temperature=100,
-            rope_rotate_half=True, use_rot_pos_emb=True, use_abs_pos_emb=True, num_reg_tokens=trained_registers,
-            dynamic_img_size=True, use_fc_norm=False, global_pool="token", num_classes=0,
+            img_size=dims.image_size, patch_size=dims.patch_size, embed_dim=dims.width, depth=dims.depth,
+            num_heads=dims.heads, mlp_ratio=dims.mlp_ratio, qkv_bias=False, init_values=1.0, rope_type="dinov3",
+            rope_temperature=100, rope_rotate_half=True, use_rot_pos_emb=True, use_abs_pos_emb=True,
+            num_reg_tokens=registers, dynamic_img_size=True, use_fc_norm=False, global_pool="token", num_classes=0,
             norm_layer=partial(LayerNorm, eps=1e-5)))
 
     # ---------------------------------------------------------------- hook attachment
@@ -136,24 +137,3 @@ class Dinov3Adapter(Dinov2Adapter):
             store(q, k)
 
         return attention.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    # ---------------------------------------------------------------- fixture planting
-    def position_embedding(self) -> tuple[torch.Tensor, int]:
-        if self.model.pos_embed is None:
-            raise ValueError("this DINOv3 model has no absolute position embedding to plant into")
-        return super().position_embedding()
-
-    def qkv_projection(self, layer: int):
-        attention = self.blocks[layer].attn
-        if attention.qkv is None or attention.q_bias is not None:
-            raise ValueError("only a fused qkv projection without bias can be planted into")
-        return attention.qkv.weight, None
-
-    def stable_qk_coordinate(self) -> tuple[int, int | None]:
-        # The coordinate whose rotation stays closest to none over the whole patch grid.
-        table = self.model.rope.get_embed(shape=self.grid_size)          # [P, 2 * dh]: sin | cos
-        head_dim = table.shape[-1] // 2
-        cos = table[:, head_dim:]
-        coordinate = int(cos.min(dim=0).values.argmax())
-        partner = (coordinate + head_dim // 2) % head_dim if self.blocks[0].attn.rotate_half else coordinate ^ 1
-        return coordinate, partner

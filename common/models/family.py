@@ -1,21 +1,23 @@
-"""The family adapter: everything the rest of the tool needs to know about one backbone family.
+"""The family adapter: everything the rest of the tool needs to know about one library's ViTs.
 
-A family (``clip``, ``dinov2``, ``dinov3``) is one subclass of :class:`FamilyAdapter`, in a file
-of its own.  Building a model, finding its parts, attaching the register-append and the q/k
-reader, converting a foreign checkpoint and planting the fixture's neurons are answered here, so
-the hook manager, the loader, the fixture and the analysis never ask which family they hold.
+A family (``clip``: open_clip; ``timm``: timm's ``VisionTransformer``; ``dinov2``, ``dinov3``) is
+one subclass of :class:`FamilyAdapter`, in a file of its own.  Building a model, finding its parts,
+attaching the register-append and the q/k reader, converting a foreign checkpoint are answered
+here, so the hook manager, the loader and the analysis never ask which family they hold.  Which
+config dict and which family a ``--model`` name stands for is :mod:`common.models.presets`'s
+business (docs/models.md); how the demo plants neurons is the demo's (``common/demo/planting.py``).
 
 Class-level methods describe a *configured* model (before or without building it); an adapter
 instance wraps one built model::
 
-    adapter = get_family("dinov2")(model)
-    adapter.blocks[3], adapter.mlp_out(3), adapter.final_norm
+    adapter = get_family("timm").wrap(model)
+    adapter.blocks[3], adapter.mlp_out(3), adapter.final_norm, adapter.num_prefix_tokens
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -34,17 +36,28 @@ QKStore = Callable[[torch.Tensor, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a register-neuron ranking is only valid for (recorded in register_neurons.json)."""
+    """What a register-neuron ranking is only valid for (recorded in register_neurons.json), and
+    what ``--describe`` prints: the token layout and sizes of the configured model."""
 
     family: str
     architecture: str
     layers: int
-    mlp_width: int
-    weights: str = ""            # portable weights name (tag or file name), informative only
+    mlp_width: int               # neurons per block: the width fed to the MLP's output projection
+    weights: str = ""            # portable weights name (tag, hub repository or file name), informative only
+    width: int = 0               # residual-stream width d (0: not recorded, an older file)
+    patch_size: int = 0
+    image_size: int = 0
+    trained_registers: int = 0
+    has_cls: bool = True
 
     def as_dict(self) -> dict:
-        return {"family": self.family, "architecture": self.architecture, "layers": self.layers,
-                "mlp_width": self.mlp_width, "weights": self.weights}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelIdentity":
+        """Read back :meth:`as_dict` (also an older file with fewer keys)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def describe(self) -> str:
         return f"{self.family} {self.architecture} ({self.layers} layers, {self.mlp_width} MLP units)"
@@ -57,22 +70,25 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class BlockParts:
-    """Where a family's transformer block keeps its projections (paths inside one block)."""
+    """Where a family's transformer block keeps its output projections (paths inside one block)."""
 
-    mlp_in: str            # e.g. "mlp.fc1"
-    mlp_out: str           # its input are the neuron activations
+    mlp_out: str           # its input are the neuron activations (for a gated MLP: the gated product)
     attn_out: str
 
 
 @dataclass(frozen=True)
-class PlantingGains:
-    """How strongly the planted fixture's circuit is wired into a family's small model
-    (families without a norm before the blocks need small raw filter responses, amplified later)."""
+class SmallDims:
+    """The dimensions of a small model of a configured architecture (the demo's planted models):
+    everything else (MLP type, activation, trained registers, layer scale, pooling) is the
+    configured model's.  ``trained_registers`` None keeps the configured count."""
 
-    filter: float          # patch-embedding high-pass filters
-    energy: float          # |filter| detector neurons' input gain
-    energy_write: float    # what they write into the energy dimension
-    gate: float            # border-patch mark in the position embedding
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+    trained_registers: int | None = None
 
 
 @dataclass
@@ -110,13 +126,21 @@ class Built:
     text: TextEncoder | None = None               # a text tower, when the family has one and it was asked for
 
 
-def eval_preprocess(resize: int, crop: int) -> transforms.Compose:
-    """DINO's classification-eval transform: resize (bicubic), centre crop, ImageNet normalisation."""
+INTERPOLATIONS = {"bicubic": transforms.InterpolationMode.BICUBIC,
+                  "bilinear": transforms.InterpolationMode.BILINEAR,
+                  "nearest": transforms.InterpolationMode.NEAREST}
+
+
+def eval_preprocess(resize: int, crop: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    interpolation: str = "bicubic") -> transforms.Compose:
+    """An evaluation transform: resize the short side (``interpolation``), centre crop, normalise
+    (DINO's classification eval with the defaults).  It ends in ToTensor and Normalize, as the
+    image bank needs."""
     return transforms.Compose([
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(resize, interpolation=INTERPOLATIONS[interpolation]),
         transforms.CenterCrop(crop),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(tuple(mean), tuple(std)),
     ])
 
 
@@ -150,17 +174,30 @@ def seeded_init(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
+def depth_share_layer(depth: int, share: float) -> int:
+    """The 0-based index of the last layer in the first ``share`` of ``depth`` blocks (the seeds:
+    CLIP ViT-B 12 x 0.5 -> 5, DINOv2 ViT-L 24 x 5/6 -> 19)."""
+    return max(0, min(depth - 1, round(depth * share) - 1))
+
+
 class FamilyAdapter(ABC):
     """Base class of the family adapters (see the module docstring)."""
 
     name: ClassVar[str]
     title: ClassVar[str]                  # for humans, e.g. "CLIP"
-    planting: ClassVar[PlantingGains]     # the fixture's circuit gains for this family
-    block_parts: ClassVar[BlockParts]     # where a block keeps its MLP and attention projections
-    supports_zero_shot: ClassVar[bool] = False   # has a text tower (build(..., zero_shot=True))
+    block_parts: ClassVar[BlockParts]     # where a block keeps its MLP and attention output projections
+    supports_zero_shot: ClassVar[bool] = False   # has a text tower (build with config zero_shot=True)
+    # Config keys that choose or build the model (the demo's planted model has none of them).
+    building_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> "FamilyAdapter":
+        """The adapter of a built ``model`` of this family (a family with several kinds of towers
+        returns the one that fits)."""
+        return cls(model)
 
     # ---------------------------------------------------------------- a configured model
     @classmethod
@@ -171,13 +208,29 @@ class FamilyAdapter(ABC):
 
     @classmethod
     @abstractmethod
+    def create(cls, config: dict, seed: int, dims: SmallDims | None = None) -> nn.Module:
+        """The configured architecture, randomly initialised with ``seed`` (the global RNG left
+        alone), or a small model of the same structure with ``dims``.  Built under
+        ``torch.device("meta")`` it allocates nothing (how :meth:`identity` reads shapes)."""
+
+    @classmethod
+    @abstractmethod
+    def preprocess(cls, config: dict, image_size: int | None = None) -> Callable:
+        """The configured model's evaluation transform (``image_size``: the same at another input
+        size, for a small model); a ``Compose`` ending in ``ToTensor`` and ``Normalize``."""
+
+    @classmethod
     def identity(cls, config: dict) -> ModelIdentity:
-        """Depth and MLP width of the configured model, without loading weights."""
+        """Depth, widths and token layout of the configured model, without loading weights (built on
+        the meta device: nothing allocated or initialised)."""
+        with torch.device("meta"):
+            adapter = cls.wrap(cls.create(config, seed=0))
+        return adapter.identity_of(cls.name, cls.architecture(config), cls.weights_name(config))
 
     @classmethod
     @abstractmethod
     def weights_name(cls, config: dict) -> str:
-        """Portable name of the configured weights (a pretrained tag)."""
+        """Portable name of the configured weights (a pretrained tag, a hub repository)."""
 
     @classmethod
     @abstractmethod
@@ -197,22 +250,20 @@ class FamilyAdapter(ABC):
         or randomly initialised with ``seed`` when it is None.  The global RNG is left alone."""
 
     @classmethod
-    @abstractmethod
-    def build_small(cls, seed: int, *, image_size: int, patch_size: int, width: int, depth: int,
-                    heads: int, mlp_ratio: float) -> nn.Module:
-        """A small randomly initialised model of this family (the planted fixture's)."""
+    def generic_config(cls, spec: str) -> dict:
+        """The model keys of ``--model <library>:<spec>`` (any model of this family by name), or a
+        UserError when the family takes none."""
+        from common.errors import UserError
 
-    @classmethod
-    def small_preprocess(cls, image_size: int) -> Callable:
-        """The fixture's preprocess: this family's, at ``image_size``."""
-        return eval_preprocess(image_size, image_size)
-
-    @classmethod
-    def small_text_encoder(cls, embed_dim: int, seed: int) -> TextEncoder | None:
-        """A small randomly initialised text tower for the fixture (families with one)."""
-        return None
+        raise UserError(f"the {cls.name} family has no generic form; use a preset")
 
     # ---------------------------------------------------------------- a built model's parts
+    @property
+    def tower(self) -> nn.Module:
+        """The transformer itself (embeddings, blocks, final norm): the model, or the trunk a
+        wrapper holds."""
+        return self.model
+
     @property
     @abstractmethod
     def blocks(self) -> list[nn.Module]:
@@ -220,8 +271,18 @@ class FamilyAdapter(ABC):
 
     @property
     def num_prefix_tokens(self) -> int:
-        """CLS plus trained registers (1 + T)."""
+        """CLS (when the model has one) plus trained registers."""
         return 1
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether token 0 is a class token (otherwise the pooled output is the feature)."""
+        return True
+
+    @property
+    def trained_registers(self) -> int:
+        """T: the model's own register tokens (part of the prefix)."""
+        return self.num_prefix_tokens - int(self.has_cls)
 
     @property
     @abstractmethod
@@ -239,6 +300,10 @@ class FamilyAdapter(ABC):
         """Side of the square input image, in pixels."""
 
     @property
+    def patch_size(self) -> int:
+        return self.input_size // self.grid_size[0]
+
+    @property
     def num_heads(self) -> int:
         return int(self.blocks[0].attn.num_heads)
 
@@ -246,10 +311,6 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def final_norm(self) -> nn.Module:
         """The norm after the last block (its output tokens are the final-norm tokens)."""
-
-    def mlp_in(self, layer: int) -> nn.Linear:
-        """The MLP input projection of block ``layer``."""
-        return self.blocks[layer].get_submodule(self.block_parts.mlp_in)
 
     def mlp_out(self, layer: int) -> nn.Linear:
         """The MLP output projection of block ``layer``: its input are the neuron activations
@@ -262,7 +323,7 @@ class FamilyAdapter(ABC):
 
     @property
     def mlp_width(self) -> int:
-        """D_mlp: the neurons of one block's MLP."""
+        """D_mlp: the neurons of one block's MLP (the width fed to its output projection)."""
         return int(self.mlp_out(0).in_features)
 
     @property
@@ -273,8 +334,14 @@ class FamilyAdapter(ABC):
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm tokens ``[B, ..., d]`` -> the space of the pooled feature ``[B, ..., d_out]``
         (CLIP's projection; the identity elsewhere).  The pooled feature is ``project`` of the
-        final-norm CLS token."""
+        final-norm CLS token (of the patch mean for a model pooled by averaging)."""
         return tokens
+
+    def identity_of(self, family: str, architecture: str, weights: str) -> ModelIdentity:
+        """This built model's identity."""
+        return ModelIdentity(family, architecture, len(self.blocks), self.mlp_width, weights, width=self.width,
+                             patch_size=self.patch_size, image_size=self.input_size,
+                             trained_registers=self.trained_registers, has_cls=self.has_cls)
 
     # ---------------------------------------------------------------- hook attachment
     @abstractmethod
@@ -283,36 +350,13 @@ class FamilyAdapter(ABC):
         """Append ``num_registers`` zero tokens right after the position embedding; ``on_tokens``
         sees (and may replace) the tokens ``[B, N + R, d]`` there."""
 
+    def attach_pooling_guard(self, num_registers: int) -> list[Handle]:
+        """Keep the ``num_registers`` test-time registers out of the pooled feature where the model
+        pools by averaging tokens (a class-token model pools token 0 and needs nothing).  Attached
+        after every other hook, so the final-norm tokens are seen with their registers."""
+        return []
+
     @abstractmethod
     def attach_qk(self, layer: int, store: QKStore) -> Handle:
         """Call ``store(q, k)`` with block ``layer``'s queries and keys ``[B, H, N, dh]`` as its
         attention uses them, computed on the side (the block's output is unchanged)."""
-
-    # ---------------------------------------------------------------- fixture planting
-    @abstractmethod
-    def patch_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight ``[d, 3, p, p]``, bias ``[d]`` or None) of the patch embedding."""
-
-    @abstractmethod
-    def position_embedding(self) -> tuple[torch.Tensor, int]:
-        """(the learned absolute position table ``[M, d]`` (a view), the row of the first patch):
-        rows before it belong to prefix tokens."""
-
-    @abstractmethod
-    def cls_embedding(self) -> torch.Tensor:
-        """The CLS token's input embedding ``[d]`` (a view)."""
-
-    def trained_register_embedding(self) -> torch.Tensor | None:
-        """The trained registers' input embeddings ``[T, d]`` (a view), None without any."""
-        return None
-
-    @abstractmethod
-    def qkv_projection(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight ``[3d, d]``, bias ``[3d]`` or None) computing q, k, v of block ``layer``
-        (rows: q of every head, then k, then v; head h's coordinates are ``h*dh .. (h+1)*dh``)."""
-
-    def stable_qk_coordinate(self) -> tuple[int, int | None]:
-        """(a coordinate within a head whose q.k term positions do not rotate, its rotary partner or
-        None): what the fixture's attention-sink circuit writes into."""
-        return 0, None
-

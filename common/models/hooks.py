@@ -18,7 +18,8 @@ name                                   shape                what
 ``hook_final``                         ``[B, N, d]``        final-norm tokens
 =====================================  ===================  ===============================================
 
-(N counts CLS, trained registers, patches and the R test-time registers.)  A hook function is
+(N counts CLS, trained registers, patches and the R test-time registers; the layout is the
+model's own, :class:`TokenLayout`.  A model without a class token has no CLS points.)  A hook function is
 ``fn(tensor, name) -> tensor | None``: returning a tensor replaces the activation (not allowed
 at the attention points, which are computed on the side and read-only).  Reading leaves the
 model's output bit-for-bit unchanged.  Attention is only computed when one of its points is
@@ -71,19 +72,22 @@ def attn_cls_pattern(layer: int) -> str:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where each kind of token sits inside a block for R test-time registers."""
+    """Where each kind of token sits inside a block for R test-time registers:
+    ``[CLS (if the model has one), trained registers, patches, test-time registers]``."""
 
-    prefix: int          # CLS + trained registers (1 + T)
+    prefix: int          # CLS + trained registers (the model's num_prefix_tokens)
     patches: int         # P
     registers: int       # R
+    has_cls: bool = True
 
     @property
     def cls(self) -> slice:
-        return slice(0, 1)
+        """The class token's position (empty without one)."""
+        return slice(0, int(self.has_cls))
 
     @property
     def trained_registers(self) -> slice:
-        return slice(1, self.prefix)
+        return slice(int(self.has_cls), self.prefix)
 
     @property
     def patch_slice(self) -> slice:
@@ -100,7 +104,7 @@ class TokenLayout:
     def candidates(self, device: torch.device | None = None) -> torch.Tensor:
         """Bool ``[N]``: CLS and the image patches (what detection looks at, docs/detection.md)."""
         mask = torch.zeros(self.total, dtype=torch.bool, device=device)
-        mask[0] = True
+        mask[self.cls] = True
         mask[self.patch_slice] = True
         return mask
 
@@ -153,8 +157,9 @@ class HookedViT:
     def hook_names(self) -> list[str]:
         """Every hook point of this model."""
         names = [REGISTERS]
+        kinds = [kind for kind in _LAYER_POINTS if kind != "attn_cls_pattern" or self.adapter.has_cls]
         for layer in range(self.backbone.num_layers):
-            names += [template.format(layer) for template in _LAYER_POINTS.values()]
+            names += [_LAYER_POINTS[kind].format(layer) for kind in kinds]
         return names + [FINAL]
 
     def parse(self, name: str) -> tuple[str, int | None]:
@@ -172,7 +177,8 @@ class HookedViT:
         return name if layer is None else _LAYER_POINTS[kind].format(layer)
 
     def token_layout(self, num_registers: int) -> TokenLayout:
-        return TokenLayout(self.backbone.num_prefix_tokens, self.backbone.num_patches, num_registers)
+        return TokenLayout(self.backbone.num_prefix_tokens, self.backbone.num_patches, num_registers,
+                           has_cls=self.adapter.has_cls)
 
     # ---------------------------------------------------------------- the scoped hooks
     @contextlib.contextmanager
@@ -190,6 +196,9 @@ class HookedViT:
         for name, fn in fwd_hooks:
             functions[self.canonical(name)].append(fn)
         cached = {self.canonical(name) for name in cache}
+        kinds = {self.parse(name)[0] for name in {*functions, *cached}}
+        if not self.adapter.has_cls and "attn_cls_pattern" in kinds:
+            raise ValueError("this model has no class token: it has no CLS attention (hook_cls_pattern)")
         store = ActivationCache(self.canonical)
         handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -220,6 +229,7 @@ class HookedViT:
             if FINAL in points:
                 handles.append(self.adapter.final_norm.register_forward_hook(
                     lambda module, args, output: apply(FINAL, output, writable=True)))
+            handles += self.adapter.attach_pooling_guard(num_registers)   # last: every point sees the registers
             yield store
         finally:
             for handle in handles:
@@ -242,6 +252,7 @@ class HookedViT:
         full, cls_only = "attn_pattern" in kinds, "attn_cls_pattern" in kinds
         if full or cls_only:
             pattern, cls_pattern = attn_pattern(layer), attn_cls_pattern(layer)
+            cls = self.token_layout(0).cls.start      # the class token's position (the model's layout)
 
             def store(q: torch.Tensor, k: torch.Tensor) -> None:
                 # q, k: [B, H, N, dh]; the probabilities in fp32 whatever the autocast dtype
@@ -250,9 +261,9 @@ class HookedViT:
                     probabilities = softmax_attention(q, k)
                     apply(pattern, probabilities, writable=False)
                     if cls_only:
-                        apply(cls_pattern, probabilities[:, :, 0, :], writable=False)
+                        apply(cls_pattern, probabilities[:, :, cls, :], writable=False)
                 else:
-                    apply(cls_pattern, softmax_attention(q[:, :, :1], k)[:, :, 0, :], writable=False)
+                    apply(cls_pattern, softmax_attention(q[:, :, cls:cls + 1], k)[:, :, 0, :], writable=False)
 
             handles.append(self.adapter.attach_qk(layer, store))
         return handles

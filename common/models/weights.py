@@ -37,11 +37,17 @@ class WeightsHint:
     filenames: tuple[str, ...]         # e.g. ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
     alternative: str = ""              # e.g. "Meta's https://dl.fbaipublicfiles.com/.../x.pth"
     shown_file: str = ""               # the file named in the message (defaults to the last filename)
+    gated: bool = False                # the hub serves it only to logged-in users who accepted its license
 
     def message(self) -> str:
         shown = self.shown_file or self.filenames[-1]
+        page = f"{hub_endpoint()}/{self.repo_id}"
+        if self.gated:
+            return (f"{self.what} are gated and not in the local cache: accept the license at {page} (logged "
+                    f"in), then download {shown} from there and pass it with --weights PATH, or log in with "
+                    "`hf auth login` and run again")
         return (f"{self.what} are not in the local cache and the hub cannot be reached: download "
-                f"{shown} from {hub_endpoint()}/{self.repo_id}"
+                f"{shown} from {page}"
                 + (f" or {self.alternative}" if self.alternative else "")
                 + " and pass it with --weights PATH")
 

@@ -41,7 +41,9 @@ PAPER_NEURONS_DINOV2_VITL14: dict[int, list[int]] = {
     16: [2301, 3576, 1940, 3463, 1244, 407, 3152, 2517, 3465],
     17: [884, 133, 1427, 3464, 2373, 2436, 841, 3574, 2129, 3355, 4047, 3341, 1330, 4031, 844, 944, 464],
 }
-PAPER_IDENTITY = ModelIdentity("dinov2", "vit_large_patch14_dinov2", 24, 4096, "vit_large_patch14_dinov2.lvd142m")
+# The model they index: DINOv2 ViT-L/14 (24 blocks, 4096 neurons each) without trained registers.
+PAPER_IDENTITY = ModelIdentity("dinov2", "vit_large_patch14_dinov2", 24, 4096, "vit_large_patch14_dinov2.lvd142m",
+                               width=1024, patch_size=14, image_size=224)
 
 
 @dataclass
@@ -155,7 +157,7 @@ class NeuronRanking:
         try:
             data = json.loads(path.read_text())
             ranked = [(int(l), int(n), float("nan") if s is None else float(s)) for l, n, s in data["ranked"]]
-            identity = ModelIdentity(**data["model"]) if data.get("model") else None
+            identity = ModelIdentity.from_dict(data["model"]) if data.get("model") else None
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"--neurons {path}: not a register-neurons JSON ({error.__class__.__name__}: "
                             f"{error}); pass a register_neurons.json written by a run") from None
@@ -220,13 +222,13 @@ def _ranking_from(data) -> list[tuple[int, int, float]] | None:
     return ranked
 
 
-def paper_neurons(family: str, backbone_size: str | None) -> NeuronRanking:
-    """The published DINOv2 ViT-L/14 register neurons as a ranking (rank order as published)."""
-    if family != "dinov2" or backbone_size != "vitl14":
-        raise UserError(
-            "--neurons paper holds the published neurons of DINOv2 ViT-L/14 only; "
-            f"this run uses {family} {backbone_size or ''}".rstrip() + ": detect instead or pass a JSON file"
-        )
+def paper_neurons(model: ModelIdentity) -> NeuronRanking:
+    """The published DINOv2 ViT-L/14 register neurons as a ranking (rank order as published), for a
+    run of that model (by its identity, whatever ``--model`` name or weights file chose it)."""
+    if not model.same_model(PAPER_IDENTITY):
+        raise UserError(f"--neurons paper holds the published register neurons of DINOv2 ViT-L/14 "
+                        f"({PAPER_IDENTITY.describe()}) only; this run uses {model.describe()}: detect instead or "
+                        "pass a JSON file of neurons (register_neurons.json)")
     ranked = [(layer, neuron, float("nan"))
               for layer, neurons in PAPER_NEURONS_DINOV2_VITL14.items() for neuron in neurons]
     return NeuronRanking(

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
+import configs
 from common.app.cli import main
 from common.app.settings import DatasetSpec
 from common.data.registry import KINDS
@@ -87,6 +88,14 @@ def cli(capsys, dataset: str, *argv: str) -> tuple[int, str, str]:
     (["--model", "clip", "--image_path", "IMAGES", "--num_workers", "-1"], "num_workers"),
     (["--check_data"], "--image_path"),
     (["--check_data", "--image_path", "MISSING"], "MISSING"),
+    (["--model", "resnet50", "--image_path", "IMAGES"], "timm:<name> or open_clip:<arch>:<tag>"),
+    (["--model", "timm:no_such_vit", "--image_path", "IMAGES"], "no_such_vit"),
+    (["--model", "open_clip:ViT-B-32", "--image_path", "IMAGES"], "open_clip:<architecture>:<pretrained tag>"),
+    (["--model", "virchow2", "--image_path", "IMAGES", "--set", "highest_layer=32"], "0..31"),
+    (["--model", "uni", "--image_path", "IMAGES", "--set", "model_args={'mlp_layer': 'Nope'}"], "Nope"),
+    (["--model", "uni", "--image_path", "IMAGES", "--zero_shot"], "text tower"),
+    (["--model", "uni", "--demo", "--set", "model_args={}"], "model_args"),
+    (["--describe"], "--describe needs --model"),
 ])
 def test_bad_usage_exits_2_with_one_line(tmp_path, capsys, args, needle):
     (tmp_path / "images").mkdir()
@@ -97,6 +106,16 @@ def test_bad_usage_exits_2_with_one_line(tmp_path, capsys, args, needle):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle.replace("MISSING", missing) in last
     assert "Traceback" not in err
+
+
+def test_describe_prints_the_configured_model(capsys):
+    """``--describe`` needs no dataset; ``--set`` applies (a DINOv2 size)."""
+    code, out, _ = cli(capsys, "aptos", "--model", "dinov2", "--describe", "--set", "backbone_size=vitb14_reg")
+    described = json.loads(out)
+    assert code == 0
+    assert (described["architecture"], described["layers"], described["width"], described["mlp_width"],
+            described["trained_registers"], described["image_size"]) == \
+        ("vit_base_patch14_reg4_dinov2", 12, 768, 3072, 4, 224)
 
 
 def test_unknown_set_key_lists_valid_keys(tmp_path, capsys):
@@ -152,7 +171,8 @@ def test_check_data_refuses_a_finished_run(tmp_path, capsys):
 # the extra modes, torchrun, interrupt and resume.
 
 DEMO_CASES = [(script, model) for script in ("test_pacemaker.py", "test_orthonet.py", "test_aptos.py")
-              for model in ("clip", "dinov2")] + [("test_pacemaker.py", "dinov3")]
+              for model in ("clip", "dinov2")] + [("test_pacemaker.py", "dinov3")] + \
+             [("test_aptos.py", "virchow2"), ("test_orthonet.py", "biomedclip")]   # SwiGLU + registers; timm trunk
 CHANCE = {"test_pacemaker.py": 1 / 4, "test_orthonet.py": 1 / 4, "test_aptos.py": 1 / 5}
 # `make demo` runs with the full defaults; here the statistics and figures are trimmed (one probe
 # seed, fewer resamples, one figure image) so that the end-to-end runs fit the suite's budget.
@@ -261,7 +281,7 @@ def test_demo_runs_end_to_end(end_to_end, script, model):
     assert planted
     neurons = json.loads((out / "register_neurons.json").read_text())
     assert {(layer, neuron) for layer, neuron, _ in neurons["ranked"][:len(planted)]} == planted
-    assert neurons["model"]["family"] == model and neurons["above_highest_layer"]["count"] == 0
+    assert neurons["model"]["family"] == configs.PRESETS[model][0] and neurons["above_highest_layer"]["count"] == 0
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics["mode"]) == ["no-ttr", "ttr"]
     extra = {"test_aptos.py": "qwk", "test_pacemaker.py": "manufacturer_top1"}.get(script)

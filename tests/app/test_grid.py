@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from common.app.grid import Request, cell_name, plan_grid
+from common.app.shards import my_cells, parse_shard
 from common.app.study import parse_args
+from common.errors import UserError
 
 
 def _request(tmp_path: Path, *extra: str, data=("aptos", "orthonet")) -> Request:
@@ -31,7 +35,7 @@ def test_grid_applies_each_axis_only_where_it_makes_sense(tmp_path):
         "aptos_dinov2_backbone_size-vitl14_reg_neurons-detected_top_k-50",
     ]
     reasons = {(s.model, s.combination): s.reason for s in skipped}
-    assert "dinov2 only" in reasons[("clip", "backbone_size=vitl14,vitl14_reg")]
+    assert "not configured by backbone_size" in reasons[("clip", "backbone_size=vitl14,vitl14_reg")]
     assert "ImageNet" in reasons[("clip", "neurons=paper")]
     assert "vitl14_reg is another model" in reasons[("dinov2", "neurons=paper, backbone_size=vitl14_reg")]
     for top_k in ("10", "50"):
@@ -99,3 +103,79 @@ def test_weights_serve_their_size_only(tmp_path):
     cells = {cell.settings["backbone_size"]: cell for cell in plan_grid(request)[0]}
     assert cells["vitl14"].argv[cells["vitl14"].argv.index("--weights") + 1] == str((tmp_path / "l14.pth").resolve())
     assert "--weights" not in cells["vitl14_reg"].argv
+
+
+def test_the_presets_and_any_timm_model_are_study_models(tmp_path):
+    """Every preset (and a timm:<name> model) is a model of the grid; axes apply by config and
+    identity: backbone_size only to models configured by size, each value only to its own family,
+    neurons=paper only to DINOv2 ViT-L/14, highest_layer only within the model's depth."""
+    request = _request(tmp_path, "--models", "dinov2", "dinov3", "biomedclip", "rad-dino", "uni", "virchow2",
+                       "timm:vit_small_patch16_224", "--axes", "backbone_size=vitl14,vitl16",
+                       "neurons=detected,paper", "highest_layer=5,25", data=("aptos",))
+    cells, skipped = plan_grid(request)
+    names = [cell.name for cell in cells]
+    assert names == [
+        "aptos_dinov2_backbone_size-vitl14_neurons-detected_highest_layer-5",
+        "aptos_dinov2_backbone_size-vitl14_neurons-paper_highest_layer-5",
+        "aptos_dinov3_backbone_size-vitl16_neurons-detected_highest_layer-5",
+        "aptos_biomedclip_neurons-detected_highest_layer-5",
+        "aptos_rad-dino_neurons-detected_highest_layer-5",
+        "aptos_uni_neurons-detected_highest_layer-5",
+        "aptos_virchow2_neurons-detected_highest_layer-5",
+        "aptos_virchow2_neurons-detected_highest_layer-25",     # 32 blocks: 25 is within its depth
+        "aptos_timm-vit_small_patch16_224_neurons-detected_highest_layer-5",
+    ]
+    reasons = {(s.model, s.combination): s.reason for s in skipped}
+    assert "not a size of dinov2" in reasons[("dinov2", "backbone_size=vitl16")]
+    assert "not a size of dinov3" in reasons[("dinov3", "backbone_size=vitl14")]
+    assert "not configured by backbone_size" in reasons[("uni", "backbone_size=vitl14,vitl16")]
+    assert "uni has 24 layers (highest_layer 0..23)" == reasons[("uni", "highest_layer=25")]
+    assert "rad-dino has 12 layers" in reasons[("rad-dino", "highest_layer=25")]
+    for model in ("biomedclip", "rad-dino", "uni", "virchow2", "timm:vit_small_patch16_224"):
+        assert "another model" in reasons[(model, "neurons=paper")], model
+    by_name = {cell.name: cell for cell in cells}
+    virchow = by_name["aptos_virchow2_neurons-detected_highest_layer-25"]
+    assert virchow.argv[:2] == ["--model", "virchow2"] and "highest_layer=25" in virchow.argv
+    timm_cell = by_name["aptos_timm-vit_small_patch16_224_neurons-detected_highest_layer-5"]
+    assert timm_cell.argv[:2] == ["--model", "timm:vit_small_patch16_224"]
+    assert timm_cell.folder.endswith("cells/aptos_timm-vit_small_patch16_224_neurons-detected_highest_layer-5")
+
+
+def test_zero_shot_goes_to_models_with_a_text_tower(tmp_path):
+    request = _request(tmp_path, "--models", "clip", "biomedclip", "uni", "--zero_shot", data=("aptos",))
+    with_prompts = {cell.model for cell in plan_grid(request)[0] if "--zero_shot" in cell.argv}
+    assert with_prompts == {"clip", "biomedclip"}
+
+
+def test_weights_of_models_named_with_colons(tmp_path):
+    (tmp_path / "vit.bin").write_bytes(b"x")
+    request = _request(tmp_path, "--models", "timm:vit_small_patch16_224", "--weights",
+                       f"timm:vit_small_patch16_224={tmp_path / 'vit.bin'}", data=("aptos",))
+    cell = plan_grid(request)[0][0]
+    assert cell.argv[cell.argv.index("--weights") + 1] == str((tmp_path / "vit.bin").resolve())
+    with pytest.raises(UserError, match="uni is not among --models"):
+        _request(tmp_path, "--models", "clip", "--weights", f"uni={tmp_path / 'vit.bin'}", data=("aptos",))
+
+
+def test_demo_highest_layer_axis_checks_the_planted_depth(tmp_path):
+    request = parse_args(["--demo", "--out", str(tmp_path / "out"), "--data", "aptos", "--models", "virchow2",
+                          "--axes", "highest_layer=2,6"])
+    cells, skipped = plan_grid(request)
+    assert [cell.name for cell in cells] == ["aptos_virchow2_highest_layer-2"]
+    assert [(s.combination, s.reason) for s in skipped] == \
+        [("highest_layer=6", "virchow2 has 6 layers (highest_layer 0..5)")]
+
+
+def test_shards_are_disjoint_slices_covering_the_grid(tmp_path):
+    request = _request(tmp_path, "--axes", "normal_values=zero,mean,same", "top_k=10,20")
+    cells, _ = plan_grid(request)
+    assert len(cells) == 2 * 2 * 3 * 2
+    for count in (1, 2, 5, 24, 30):
+        slices = [my_cells(cells, (index, count)) for index in range(1, count + 1)]
+        names = [cell.name for part in slices for cell in part]
+        assert sorted(names) == sorted(cell.name for cell in cells) and len(set(names)) == len(names)
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1          # balanced
+    assert parse_shard("3/8") == (3, 8)
+    for bad in ("0/4", "5/4", "2", "a/b", "2/0", "-1/3"):
+        with pytest.raises(UserError, match="SLURM_ARRAY_TASK_ID"):
+            parse_shard(bad)

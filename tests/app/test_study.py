@@ -6,8 +6,9 @@ cell); bad study arguments (exit 2, one line, nothing run); the resume rule.
 Slow (end to end, the demo fixture): a reduced demo study (APTOS and OrthoNet x CLIP x
 normal_values zero/mean) interrupted after its first cell and run again: the finished cell is
 resumed untouched, the others run, and the cells share the cache and are ordinary runs.  A cell
-whose run fails is reported with its exit code and error line while the others run (exit 1).  And
-the study under torchrun with 2 gloo ranks.  The report's tables, figures and text are tested in
+whose run fails is reported with its exit code and error line while the others run (exit 1).  The
+study under torchrun with 2 gloo ranks.  The study as a job array: its shards and
+``--report_only`` give the report of the unsharded study.  The report's tables, figures and text are tested in
 ``tests/reporting/test_studyreport_*.py``.
 """
 
@@ -18,6 +19,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +52,11 @@ BAD_ARGUMENTS = [
     (["--data", "aptos=@", "--out", OUT, "--weights", "clip=/no/such.bin"], "/no/such.bin"),
     (["--demo", "--data", "aptos=@", "--out", OUT], "--demo"),
     (["--data", "aptos=@", "--out", OUT, "--frobnicate"], "--frobnicate"),
+    (["--data", "aptos=@", "--out", OUT, "--models", "timm:not_a_model"], "not_a_model"),
+    (["--data", "aptos=@", "--out", OUT, "--axes", "highest_layer=-1"], "highest_layer"),
+    (["--data", "aptos=@", "--out", OUT, "--shard", "0/4"], "--shard 0/4"),
+    (["--data", "aptos=@", "--out", OUT, "--shard", "5/4"], "--shard 5/4"),
+    (["--data", "aptos=@", "--out", OUT, "--shard", "1/2", "--report_only"], "--report_only"),
 ]
 
 
@@ -65,6 +72,18 @@ def test_bad_study_arguments_exit_2_with_one_line(tmp_path, capsys, argv, named)
     assert len(lines) == 1, lines
     assert lines[0].startswith("error:") and named in lines[0], lines[0]
     assert not out.exists()        # nothing ran, nothing was written
+
+
+def test_a_shard_of_another_grid_is_refused_by_the_report(tmp_path, capsys):
+    folder = tmp_path / "aptos"
+    folder.mkdir()
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "shard-1-of-2.json").write_text(json.dumps({"grid_id": "another", "cells": []}))
+    code = study.main(["--data", f"aptos={folder}", "--out", str(out), "--report_only"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "shard-1-of-2.json" in lines[0] and "another grid" in lines[0]
+    assert not (out / "study.json").exists() and not (out / "report").exists()
 
 
 def test_resume_rule(tmp_path):
@@ -234,3 +253,68 @@ def test_failing_cell_is_reported_and_the_study_goes_on(tmp_path, capsys):
     assert paper["cell"].unique().tolist() == ["aptos_clip_normal_values-mean"]
     assert set(paper["family_size"]) == {1}
     assert (out / "logs" / "aptos_clip_normal_values-zero.log").read_text().count("gone") >= 1
+
+
+# ------------------------------------------------------------------------------------------
+# a job array (slow): --shard I/N slices, --report_only merges; the report of the unsharded study
+
+
+def _comparable(report: Path) -> dict[str, object]:
+    """The report's files, with what differs between any two runs of one grid taken out: the wall
+    time and each cell's seconds (report.md's header and cells table, cells.csv)."""
+    import re
+
+    files: dict[str, object] = {}
+    for path in sorted(report.iterdir()):
+        if path.name == "cells.csv":
+            files[path.name] = pd.read_csv(path).drop(columns=["seconds"]).to_csv(index=False)
+        elif path.suffix == ".md":
+            text = path.read_text()
+            text = re.sub(r"(?m)^(Grid: .*\(section 8\)).*$", r"\1", text)
+            text = re.sub(r"(?m)^(\| \S+ \| (?:done|resumed) \| 0 \|) [^|]* \|", r"\1 - |", text)
+            files[path.name] = text
+        else:
+            files[path.name] = path.read_bytes()
+    return files
+
+
+@pytest.mark.slow
+def test_sharded_study_reports_what_the_unsharded_study_reports(tmp_path, capsys):
+    out, cache = tmp_path / "study", tmp_path / "cache"
+    args = ["--demo", "--data", "orthonet", "--models", "dinov2", "--axes", "normal_values=zero,mean,same",
+            "--out", str(out), "--cache_dir", str(cache), "--set", "probe_max_epochs=100",
+            "probe_lr_grid=(0.01,)", "probe_weight_decay_grid=(0.0001,)", "bootstrap_resamples=50", "detect_images=20"]
+    assert study.main(args) == 0, capsys.readouterr().err[-3000:]
+    unsharded = _comparable(out / "report")
+    record = json.loads((out / "study.json").read_text())
+    names = [cell["name"] for cell in record["cells"]]
+    for leftover in ("cells", "logs", "report", "study.json"):          # the same grid again, as shards
+        path = out / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    assert study.main([*args, "--shard", "1/2"]) == 0, capsys.readouterr().err[-3000:]
+    err = capsys.readouterr().err
+    assert "--report_only" in err and "--shard" not in err.split("once every shard has finished:")[-1]
+    assert not (out / "study.json").exists()                           # a shard writes its own state only
+    first = json.loads((out / "shards" / "shard-1-of-2.json").read_text())
+    assert [cell["name"] for cell in first["cells"]] == names[0::2]
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(names[0::2])
+    assert all(cell["status"] == "done" for cell in first["cells"])
+
+    # the report before every shard has finished: from the cells found, the others not run
+    assert study.main([*args, "--report_only"]) == 1
+    assert "not run yet: " + names[1] in capsys.readouterr().err
+    partial = json.loads((out / "study.json").read_text())
+    assert [cell["status"] for cell in partial["cells"]] == ["done", "pending", "done"]
+    assert pd.read_csv(out / "report" / "paper_table.csv")["cell"].unique().tolist() == names[0::2]
+
+    assert study.main([*args, "--shard", "2/2"]) == 0
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(names)
+    assert study.main([*args, "--report_only"]) == 0
+    merged = json.loads((out / "study.json").read_text())
+    assert [cell["status"] for cell in merged["cells"]] == ["done"] * 3
+    assert merged["command_line"] == record["command_line"]          # no --shard, no --report_only
+    sharded = _comparable(out / "report")
+    assert sharded.keys() == unsharded.keys()
+    for name in unsharded:
+        assert sharded[name] == unsharded[name], name

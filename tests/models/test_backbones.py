@@ -260,25 +260,3 @@ def test_dinov3_checkpoint_reproduces_in_memory_model(tmp_path):
     assert str(path) in bb.weights_id
     with pytest.raises(UserError, match="vitb16"):
         load_backbone("dinov3", dict(configs.DINOV3, backbone_size="vitb16"), weights=path)
-
-
-def test_every_family_implements_the_adapter_and_names_its_block_parts():
-    """FamilyAdapter is abstract: a family that leaves a method out cannot be built, and every
-    family's ``block_parts`` name the linear layers the hooks and the planted fixture use."""
-    from torch import nn
-
-    from common.demo.fixture import make_planted_model
-    from common.models.families import FAMILIES, FamilyAdapter
-
-    with pytest.raises(TypeError, match="abstract"):
-        FamilyAdapter(nn.Identity())
-    for name, adapter_class in FAMILIES.items():
-        assert not adapter_class.__abstractmethods__, name
-        adapter = make_planted_model(name).backbone.adapter
-        for layer in (0, len(adapter.blocks) - 1):
-            block = adapter.blocks[layer]
-            mlp_in, mlp_out, attn_out = adapter.mlp_in(layer), adapter.mlp_out(layer), adapter.attn_out(layer)
-            assert all(isinstance(m, nn.Linear) for m in (mlp_in, mlp_out, attn_out)), name
-            assert {id(m) for m in (mlp_in, mlp_out, attn_out)} <= {id(m) for m in block.modules()}
-            assert mlp_in.out_features == mlp_out.in_features == adapter.mlp_width, name
-            assert attn_out.out_features == adapter.width == mlp_out.out_features, name

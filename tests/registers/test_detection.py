@@ -16,6 +16,7 @@ import torch
 import configs
 from common.demo.fixture import fixture_images, make_planted_model
 from common.errors import UserError
+from common.models.families import get_family
 from common.models.hooks import HookedViT
 from common.registers.detection import (
     NoOutliersError,
@@ -527,7 +528,7 @@ def test_failed_save_leaves_old_file_and_no_temp(planted_dinov2_result, tmp_path
 
 
 def test_nan_scores_round_trip(tmp_path):
-    result = paper_neurons("dinov2", "vitl14")
+    result = paper_neurons(get_family("dinov2").identity(configs.DINOV2))
     path = tmp_path / "paper.json"
     result.save(path)
     assert all(entry[2] is None for entry in json.loads(path.read_text())["ranked"])
@@ -576,7 +577,7 @@ def test_paper_neurons_are_the_published_list():
     }
     total = sum(len(ids) for ids in published.values())
     assert total == 45
-    result = paper_neurons("dinov2", "vitl14")
+    result = paper_neurons(get_family("dinov2").identity(configs.DINOV2))
     assert [(l, n) for l, n, _ in result.ranked] == [(l, n) for l, ids in published.items() for n in ids]
     assert result.select(23, total) == published
     assert result.select(23, 1000) == published
@@ -585,11 +586,13 @@ def test_paper_neurons_are_the_published_list():
     assert result.source == "paper"
 
 
-@pytest.mark.parametrize("family,size", [("clip", None), ("clip", "ViT-B-16"), ("dinov2", "vitb14"),
-                                         ("dinov2", "vits14")])
-def test_paper_neurons_other_models_are_a_user_error(family, size):
-    with pytest.raises(UserError):
-        paper_neurons(family, size)
+@pytest.mark.parametrize("family,config", [("clip", configs.CLIP),
+                                           ("dinov2", dict(configs.DINOV2, backbone_size="vitb14")),
+                                           ("dinov2", dict(configs.DINOV2, backbone_size="vitl14_reg")),
+                                           ("timm", configs.UNI)])
+def test_paper_neurons_other_models_are_a_user_error(family, config):
+    with pytest.raises(UserError, match="vit_large_patch14_dinov2"):
+        paper_neurons(get_family(family).identity(config))
 
 
 def test_rank_scores_ties_by_layer_then_neuron():

@@ -26,7 +26,9 @@ def course_ranking(layers: int, width: int) -> list[tuple[int, int, float]]:
 
 
 def test_identity_of_configured_models_without_weights():
-    assert get_family("clip").identity(configs.CLIP).as_dict() == CLIP_B16.as_dict()
+    clip = get_family("clip").identity(configs.CLIP)
+    assert clip.same_model(CLIP_B16) and clip.weights == CLIP_B16.weights
+    assert (clip.width, clip.patch_size, clip.image_size, clip.trained_registers, clip.has_cls) == (768, 16, 224, 0, True)
     identity = get_family("dinov2").identity(configs.DINOV2)
     assert (identity.family, identity.architecture, identity.layers, identity.mlp_width) == \
            ("dinov2", "vit_large_patch14_dinov2", 24, 4096)
@@ -113,7 +115,7 @@ def test_json_records_identity_and_another_model_is_refused(tmp_path):
 
 
 def test_paper_neurons_belong_to_dinov2_vitl14():
-    ranking = paper_neurons("dinov2", "vitl14")
+    ranking = paper_neurons(DINO_L14)
     ranking.check_model(DINO_L14, "paper")
     with pytest.raises(UserError, match="ViT-B-16"):
         ranking.check_model(CLIP_B16, "paper")
