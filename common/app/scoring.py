@@ -24,7 +24,7 @@ from common.io import write_csv, write_json
 from common.registers.modes import BASELINE, COURSE_SUFFIX, MODES, ZERO_SHOT_SUFFIX, predictions_file
 
 
-def _probe_config(config: dict) -> ProbeConfig:
+def probe_config(config: dict) -> ProbeConfig:
     return ProbeConfig(
         lr_grid=tuple(config["probe_lr_grid"]), weight_decay_grid=tuple(config["probe_weight_decay_grid"]),
         max_epochs=config["probe_max_epochs"], patience=config["probe_patience"],
@@ -55,7 +55,7 @@ def train_probes(state: RunState) -> dict[str, np.ndarray]:
         X = {split: state.features[(mode, split)].select(config["feature"]) for split in SPLITS}
         probabilities[mode], state.probe_choices[mode] = fit_probes(
             X["train"], labels["train"], X["val"], labels["val"], X["test"], len(state.dataset.class_names),
-            _probe_config(config))
+            probe_config(config))
         stalled = [c["seed"] for c in state.probe_choices[mode] if not c.get("converged", True)]
         if stalled:
             state.not_converged.append(
@@ -68,7 +68,7 @@ def train_probes(state: RunState) -> dict[str, np.ndarray]:
         state.refit_probabilities = refit_probabilities(
             {mode: tuple(state.features[(mode, split)].select(config["feature"]) for split in SPLITS)
              for mode in refit_modes},
-            labels["train"], labels["val"], len(state.dataset.class_names), _probe_config(config),
+            labels["train"], labels["val"], len(state.dataset.class_names), probe_config(config),
             config["probe_refits"], config["seed"])
         state.timings["probe_refits"] = round(time.monotonic() - started, 2)
     return probabilities
