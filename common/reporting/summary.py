@@ -106,8 +106,10 @@ def mde_clause(row, metric: str) -> str:
         "none": "exact McNemar with every discordant pair favouring one mode, since no test prediction changed and "
                 "the probe seeds agree",
         "bootstrap SE": "normal approximation with the paired-bootstrap standard error of the difference",
-        "probe-seed SE": "normal approximation with the standard error of the difference between probe seeds, since "
-                         "no test prediction changed",
+        "independent-modes SE": "normal approximation with the standard error of two independent modes, √2 × the "
+                                "baseline's bootstrap standard error, since too few test predictions changed to "
+                                "estimate the pairing; a paired test needs at least 6 changed predictions to reach "
+                                "5%",
     }.get(basis, str(basis))
     return (f"the smallest difference this test detects with {POWER:.0%} power is ±{number(mde)} "
             f"({assumption})")
