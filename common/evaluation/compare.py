@@ -118,6 +118,17 @@ def _seed_discordance(per_seed_hits: list[list[np.ndarray]]) -> float:
 FEWEST_CHANGES = 6
 
 
+def test_se(row: dict, metric: str, base_resamples: np.ndarray) -> float:
+    """The test-set SE of a difference for the combined refit interval: ``<metric>_diff_se``;
+    for a metric other than a proportion with fewer than :data:`FEWEST_CHANGES` changed
+    predictions (whose bootstrap SE then says nothing), that of two independent modes, sqrt(2)
+    x the baseline's bootstrap SE (``base_resamples``: its metric on the resamples)."""
+    se = row[f"{metric}_diff_se"]
+    if metric in PROPORTIONS or row["changed_predictions"] >= FEWEST_CHANGES or not math.isfinite(se):
+        return se
+    return max(se, math.sqrt(2.0) * sample_sd(base_resamples))
+
+
 def _mde(row: dict, primary: str, n: int, seed_discordance: float, base_se: float) -> dict:
     """``mde_<primary>`` and what it assumes (docs/statistics.md, "Power")."""
     if primary in PROPORTIONS:
@@ -130,7 +141,7 @@ def _mde(row: dict, primary: str, n: int, seed_discordance: float, base_se: floa
             rate, basis = 0.0, "none"
         return {f"mde_{primary}": mde_mcnemar(n, rate), "mde_basis": basis, "mde_discordance": rate}
     se = row[f"{primary}_diff_se"]
-    if row["changed_predictions"] >= FEWEST_CHANGES and math.isfinite(se) and se > 0:
+    if row["changed_predictions"] >= FEWEST_CHANGES and math.isfinite(se):
         return {f"mde_{primary}": mde_normal(se), "mde_basis": "bootstrap SE", "mde_discordance": math.nan}
     # too few changes to estimate the pairing: the SE of two independent modes, sqrt(2) x the
     # baseline's own bootstrap SE (the largest a non-negative correlation allows: conservative)
@@ -204,7 +215,7 @@ def evaluate_modes(
             row["refits"] = count
             for m in names:
                 diffs = [refit_values[mode][r][m][0] - refit_values[baseline][r][m][0] for r in range(count)]
-                summary = combined_interval(row[f"{m}_diff"], row[f"{m}_diff_se"], diffs)
+                summary = combined_interval(row[f"{m}_diff"], test_se(row, m, values[baseline][m][1:]), diffs)
                 row.update({f"{m}_refit_mean": summary["mean"], f"{m}_refit_sd": summary["sd"],
                             f"{m}_refit_share_better": summary["share_better"],
                             f"{m}_diff_lo_refit": summary["lo"], f"{m}_diff_hi_refit": summary["hi"]})

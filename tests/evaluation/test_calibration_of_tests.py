@@ -203,4 +203,5 @@ def test_probes_refitted_per_mode_on_100_training_images():
     share, share_conditional = verdicts / REFIT_SIMS, conditional / REFIT_SIMS
     log.info("null, refitted probes on 100 images: verdict %.3f, conditional test alone %.3f (MC SE %.3f)",
              share, share_conditional, mc_se(share, REFIT_SIMS))
+    # measured with these seeds: verdict 0.040, the conditional test alone 0.090 (the 8-13%)
     assert share <= LIMIT

@@ -148,13 +148,18 @@ def test_mde_of_top1_uses_the_probe_seeds_when_nothing_changed():
 def test_mde_of_another_metric_with_too_few_changes_assumes_independent_modes():
     y = np.arange(60) % 3
     P = make_proba(y, 3, seed=4, n_seeds=2)
+    refits = {"no-ttr": make_proba(y, 3, 20, n_seeds=4), "ttr": make_proba(y, 3, 21, n_seeds=4)}
     ttr = evaluate_modes(y, {"no-ttr": P, "ttr": P.copy()}, MetricSpec(3), n_boot=80, n_perm=20,
-                         primary="f1_macro").set_index("mode").loc["ttr"]
+                         primary="f1_macro", refits=refits).set_index("mode").loc["ttr"]
     assert ttr["changed_predictions"] == 0 and ttr["mde_basis"] == "independent-modes SE"
     ensemble = P.mean(axis=0)
     idx = np.random.default_rng(0).integers(0, 60, size=(80, 60))        # the documented resamples
     se = np.std([f1_score(y[row], ensemble[row].argmax(1), average="macro", zero_division=0) for row in idx], ddof=1)
     assert ttr["mde_f1_macro"] == pytest.approx((norm.ppf(0.975) + norm.ppf(0.8)) * math.sqrt(2) * se)
+    # the combined refit interval takes the same test-set SE (the bootstrap one is 0 here)
+    assert ttr["f1_macro_diff_se"] == 0.0
+    half = norm.ppf(0.975) * math.sqrt(2 * se ** 2 + ttr["f1_macro_refit_sd"] ** 2)
+    assert (ttr["f1_macro_diff_lo_refit"], ttr["f1_macro_diff_hi_refit"]) == pytest.approx((-half, half))
 
 
 def test_refit_columns_equal_a_plain_computation():
