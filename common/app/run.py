@@ -30,7 +30,7 @@ from common.app.scoring import score, train_probes
 from common.app.settings import DatasetSpec, RunOptions, resolve_primary_metric, resolve_workers
 from common.data.cache import Cache, cache_key, default_cache_dir
 from common.data.imagebank import ImageBank
-from common.data.images import IMAGE_SUFFIXES, check_image, is_ignored
+from common.data.images import check_image, is_ignored, is_image_file
 from common.data.registry import SPLITS, Dataset, load_dataset, write_splits
 from common.demo.fixture import PlantedModel
 from common.errors import UserError
@@ -170,7 +170,7 @@ def _choose_detection_paths(state: RunState) -> list[str]:
         if not folder.is_dir():
             raise UserError(f"--detect_path {folder}: not a folder; pass a folder of images")
         candidates = sorted(str(p) for p in folder.rglob("*")
-                            if p.is_file() and not is_ignored(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+                            if p.is_file() and not is_ignored(p) and is_image_file(p))
         bad = {p for p in candidates if check_image(p) is not None}
         if bad:
             log.warning("--detect_path: skipping %d unreadable image(s), e.g. %s", len(bad), ", ".join(sorted(bad)[:3]))

@@ -11,8 +11,10 @@ Layouts read (exactly one must match; two candidates are an error that says how 
   ``train_images/<id_code>.png``; its ``test.csv`` has no labels and is not used.
 
 Image folders may be single or doubled (``train_images/`` or ``train_images/train_images/``).
-An image with another suffix but the same stem is accepted (``.png`` preferred).  Rows whose
-image is missing are reported in one warning and left out.
+An image with another suffix but the same stem is accepted (``.png`` preferred; DICOM too).  An
+``id_code`` that repeats the image folder (``train_images/abc``) or carries the suffix
+(``abc.png``) names the same image.  Rows whose image is missing are reported in one warning and
+left out; a CSV none of whose rows has an image is an error naming where it looked.
 """
 
 from __future__ import annotations
@@ -22,26 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data.dataset import (
-    DatasetKind,
-    Found,
-    Notes,
-    Painter,
-    SyntheticSpec,
-    absolute,
-    first_few,
-    found_table,
-    int_like,
-    printable,
-)
-from common.data.folders import (
-    find_child,
-    image_files,
-    image_folder,
-    listdir,
-    shown_folder,
-)
-from common.data.manifest import header, raw_labels, read_csv
+from common.data.dataset import (DatasetKind, Found, Notes, Painter, SyntheticSpec, absolute, first_few,
+                                 found_table, int_like, printable)
+from common.data.folders import (find_child, image_files, image_folder, listdir, shown_folder,
+                                 strip_folder_prefix)
+from common.data.images import IMAGE_SUFFIXES
+from common.data.manifest import cut_short, header, raw_labels, read_csv
 from common.errors import UserError
 from common.io import write_csv
 
@@ -95,21 +83,30 @@ def _read_split(root: Path, csv: Path, folder_name: str, split: str | None, note
     bad = [(i + 2, g) for i, g in enumerate(grades) if aptos_class(g) is None or not int_like(g)]
     if bad:
         line, value = bad[0]
-        raise UserError(f"{printable(csv)} line {line}: diagnosis {printable(value)!r} is not a grade 0-4 "
-                        f"({len(bad)} such row(s)); fix the rows")
+        raise (cut_short(frame, csv, line, f"diagnosis {value!r}") if len(bad) == 1 else None) or UserError(
+            f"{printable(csv)} line {line}: diagnosis {printable(value)!r} is not a grade 0-4 "
+            f"({len(bad)} such row(s)); fix the rows")
     # One listing instead of a stat per row; .png preferred over another suffix of the same stem.
     by_stem: dict[str, Path] = {}
+    by_name: dict[str, Path] = {}
     for f in image_files(listdir(folder)[1]):
-        if f.stem not in by_stem or f.suffix.lower() == ".png":
-            by_stem[f.stem] = f
+        # A DICOM file without an image suffix (named by its UID) is matched by its whole name.
+        stem = f.stem if f.suffix.lower() in IMAGE_SUFFIXES else f.name
+        by_name[f.name] = f
+        if stem not in by_stem or f.suffix.lower() == ".png":
+            by_stem[stem] = f
     rows, missing = [], []
     for ident, grade, raw in zip(frame["id_code"].str.strip(), grades, raw_labels(grades)):
-        path = by_stem.get(ident)
+        name = strip_folder_prefix(ident, folder, root)
+        path = by_stem.get(name) or by_name.get(name)
         if path is None:
             missing.append(absolute(folder / f"{ident}.png"))
         else:
             rows.append((str(path), raw, aptos_class(grade), split))
-    notes.missing(csv, missing)
+    notes.missing(csv, missing, listed=len(frame),
+                  fix=f"id_code must be the image's name in {shown_folder(folder, root)}, without folder or "
+                      "suffix (e.g. 000c1434d8d7 for 000c1434d8d7.png)")
+    notes.uses(csv)
     return rows, f"{printable(csv.name)} + {shown_folder(folder, root)}"
 
 
@@ -144,9 +141,11 @@ def _read(root: Path, notes: Notes) -> Found:
             raise UserError(f"{printable(competition)} has columns {header(competition) or []}; "
                             "expected id_code,diagnosis")
         rows, text = _read_split(root, competition, COMPETITION[1], None, notes)
-        unlabelled = find_child(root, "test.csv")
-        if unlabelled is not None:
-            text += f" ({printable(unlabelled.name)} has no labels: not used)"
+        unlabelled = [p for p in (find_child(root, "test.csv"), image_folder(root, "test_images")) if p is not None]
+        if unlabelled:
+            notes.uses(*unlabelled)
+            names = " and ".join(printable(p.name) + ("/" if p.is_dir() else "") for p in unlabelled)
+            text += f" ({names}: the competition's unlabelled test set, not used)"
         return Found(found_table(rows), f"APTOS competition release: {text}")
     raise UserError(f"no APTOS label CSV in {printable(root)}: expected train.csv with train_images/ "
                     "(competition release) or train_1.csv, valid.csv, test.csv with train_images/, "
@@ -207,11 +206,7 @@ def _write_synthetic(root: Path, classes: int, per_class: int, layout: str, pain
 
 
 DATASET = DatasetKind(
-    name="aptos",
-    expected=EXPECTED,
-    read=_read,
-    label_to_class=aptos_class,
-    labels_known=KNOWN,
+    name="aptos", expected=EXPECTED, read=_read, label_to_class=aptos_class, labels_known=KNOWN,
     layout_folders=frozenset({"train_images", "val_images", "test_images"}),
     synthetic=SyntheticSpec(layouts=("three_way", "three_way_single", "competition", "competition_doubled"),
                             default_classes=len(APTOS_CLASSES), max_classes=len(APTOS_CLASSES),

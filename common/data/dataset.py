@@ -22,6 +22,8 @@ from typing import Protocol
 import pandas as pd
 from tqdm.auto import tqdm
 
+from common.errors import UserError
+
 logger = logging.getLogger("common.data.registry")
 
 SPLITS = ("train", "val", "test")
@@ -50,6 +52,11 @@ def first_few(items: Iterable[object], n: int = _FIRST_FEW) -> str:
     items = list(items)
     shown = ", ".join(str(x) for x in items[:n])
     return shown + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def has_surrogates(text: str) -> bool:
+    """True if ``text`` holds bytes that were not UTF-8 (read with ``surrogateescape``)."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
 
 
 def one_line(text: object) -> str:
@@ -88,7 +95,9 @@ class Dataset:
     UTF-8 stays a Python str whatever pandas' string storage).  ``skipped`` holds ``(absolute path, reason)``, ``leaks``
     ``(path_a, split_a, path_b, split_b)`` for files with identical content in two splits.
     ``course_class_order[j]`` is our label of the original course project's class ``j`` (it
-    numbers classes by ``sorted()`` of the raw label values it read).
+    numbers classes by ``sorted()`` of the raw label values it read).  ``unused`` holds
+    ``(absolute path, reason)`` for the files and folders under the root the layout did not use
+    (a folder's path ends with the path separator).
     """
 
     name: str
@@ -100,6 +109,7 @@ class Dataset:
     leaks: list[tuple[str, str, str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # every warning logged while loading
     course_class_order: list[int] = field(default_factory=list)
+    unused: list[tuple[str, str]] = field(default_factory=list)
 
     def counts(self) -> pd.DataFrame:
         """Images per class (rows, in label order) and split (columns train, val, test)."""
@@ -138,17 +148,29 @@ def found_table(rows: list[tuple[str, object, str, str | None]]) -> pd.DataFrame
 
 class Notes:
     """Collects what a load has to tell: warnings (logged and kept for the report), files
-    skipped on disk (unreadable, not an image, unknown class code ...) and CSV rows whose
-    file is absent.  Paths in messages are shown relative to ``root``."""
+    skipped on disk (unreadable, not an image, unknown class code ...), CSV rows whose
+    file is absent, and the files and folders a layout read or explains besides its images
+    (label CSVs, mask files, an unlabelled test set), which are not "unused".  Paths in messages
+    are shown relative to ``root``."""
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
         self.warnings: list[str] = []
         self.skipped: list[tuple[str, str]] = []
         self.absent: list[tuple[str, str]] = []
+        self.read: set[str] = set()
+        self.passed: list[tuple[str, str]] = []
 
     def show(self, path: str | os.PathLike) -> str:
-        return relative_display(path, self.root)
+        """``path`` for a message, relative to the root; a folder (ending in a separator) ends in ``/``."""
+        text = os.fspath(path)
+        if text.endswith(os.sep):
+            return relative_display(text.rstrip(os.sep), self.root) + "/"
+        return relative_display(text, self.root)
+
+    def uses(self, *paths: str | os.PathLike) -> None:
+        """Files or folders the layout read or explains besides its images (never "unused")."""
+        self.read.update(absolute(p) for p in paths)
 
     def warn(self, message: str) -> None:
         logger.warning(message)
@@ -158,10 +180,21 @@ class Notes:
         """A file on disk that is not used; reported in one summary warning at the end."""
         self.skipped.append((absolute(path), reason))
 
-    def missing(self, csv: Path, paths: list[str]) -> None:
-        """Rows of ``csv`` whose file does not exist: one warning with the count, left out."""
+    def pass_over(self, path: str, reason: str) -> None:
+        """A file or folder (path ending in a separator) the layout does not use, and why."""
+        self.passed.append((path, reason))
+
+    def missing(self, csv: Path, paths: list[str], *, listed: int, fix: str) -> None:
+        """Rows of ``csv`` whose file does not exist: one warning with the count, left out.  When
+        none of the ``listed`` rows has a file, the CSV and its images do not match: a
+        :class:`UserError` naming the first file looked for and ``fix`` (what to check)."""
         if not paths:
             return
+        if any(has_surrogates(p) for p in paths):
+            fix = f"{csv.name} is not UTF-8 text: save it as UTF-8 (in Excel: CSV UTF-8); or {fix}"
+        if len(paths) >= listed:
+            raise UserError(f"none of the {listed} file(s) listed in {printable(csv)} exists: the first was "
+                            f"looked for as {self.show(paths[0])}; {fix}")
         reason = f"missing: listed in {csv.name}, no file"
         self.absent.extend((absolute(p), reason) for p in paths)
         self.warn(f"{len(paths)} {csv.name} row(s) have no image file and are left out: "

@@ -1,16 +1,20 @@
 """Reading folder trees as datasets ship them: listings without OS litter, names matched in any
 case, image folders that Kaggle doubles (``train_images/train_images/``), split folders, class
-folders, and the wrapper folder an unzipped archive adds around everything."""
+folders, the wrapper folder an unzipped archive adds around everything, and file names in a CSV
+that repeat the image folder they are looked for in.
+
+Symlinked folders are followed (a class folder, or a folder inside one), each real folder once:
+a link back to a folder already read (a loop) is passed over and named."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from common.data.dataset import SPLITS, Notes, first_few, found_table, printable
-from common.data.images import IMAGE_SUFFIXES, is_ignored
+from common.data.images import is_ignored, is_image_file
 from common.errors import UserError
 
 logger = logging.getLogger("common.data.registry")
@@ -34,18 +38,50 @@ def listdir(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def image_files(files: Iterable[Path]) -> list[Path]:
-    """The files whose suffix is an image suffix."""
-    return [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    """The files that are images: an image suffix, or DICOM whatever the name."""
+    return [f for f in files if is_image_file(f)]
+
+
+def walk(folder: Path, loops: list[Path] | None = None) -> Iterator[tuple[Path, list[Path], list[Path]]]:
+    """``(folder, subfolders, files)`` top-down under ``folder``, sorted, litter left out, symlinked
+    folders followed once each; a link to a folder already visited or to a parent of the folder
+    it is in is appended to ``loops``."""
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = os.path.realpath(dirpath) + os.sep
+        kept = []
+        for name in sorted(dirnames):
+            if is_ignored(name):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, name))
+            # A folder seen already, or one this folder lies inside (a link to a parent), is a loop.
+            if real in seen or here.startswith(real + os.sep):
+                if loops is not None:
+                    loops.append(Path(dirpath) / name)
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        yield (Path(dirpath), [Path(dirpath) / d for d in kept],
+               [Path(dirpath) / f for f in sorted(filenames) if not is_ignored(f)])
 
 
 def walk_images(folder: Path) -> list[Path]:
-    """Every file with an image suffix under ``folder`` (recursive, sorted), litter left out."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
-        found.extend(Path(dirpath) / f for f in sorted(filenames)
-                     if not is_ignored(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES)
-    return found
+    """Every image file under ``folder`` (recursive, sorted, symlinked folders followed), litter left out."""
+    return [f for _, _, files in walk(folder) for f in image_files(files)]
+
+
+def strip_folder_prefix(name: str, folder: Path, root: Path) -> str:
+    """``name`` (a file name from a CSV) without leading folders that repeat the image folder it is
+    looked for in: ``train_images/x.png`` in ``train_images/`` (or ``train_images/train_images/``)
+    is ``x.png``.  Matched case-insensitively, ``\\`` read as ``/``; other names unchanged."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    where = [p.lower() for p in Path(os.path.relpath(folder, root)).parts if p != "."]
+    for k in range(min(len(parts) - 1, len(where)), 0, -1):
+        lead = [p.lower() for p in parts[:k]]
+        if lead == where[len(where) - k:] or lead == where[:k]:
+            return "/".join(parts[k:])
+    return name
 
 
 def find_child(folder: Path, name: str) -> Path | None:
@@ -118,19 +154,28 @@ def class_folders(root: Path, notes: Notes, *, class_of=lambda name: name, namin
     """Class-per-folder, with or without split folders (``Train/<class>/``, ``Test/<class>/``).
 
     ``class_of(folder name)`` gives the class name, or None for a folder that is no class of
-    this dataset (an error listing them, ending with ``naming``: how to name class folders).  Images lying outside any class folder are skipped.
+    this dataset (an error listing them, ending with ``naming``: how to name class folders).
+    Images lying outside any class folder are skipped.  An image path that is itself a split
+    folder (``Train/``) with other split folders beside it is read, with a warning that they are not.
     Returns ``(found table, layout text)`` with the folder name as raw label.
     """
     splits = split_folders(root)
+    split_of_root = SPLIT_FOLDER_NAMES.get(root.name.lower())
+    if not splits and split_of_root:
+        siblings = [printable(d.name) + "/" for d in listdir(root.parent)[0]
+                    if SPLIT_FOLDER_NAMES.get(d.name.lower(), split_of_root) != split_of_root]
+        if siblings:
+            notes.warn(f"the image path is the {printable(root.name)}/ split folder: {first_few(siblings)} beside it "
+                       f"{'is' if len(siblings) == 1 else 'are'} not read and the splits are carved from it; "
+                       f"pass {printable(root.parent)} to keep the official split")
     if splits:
         if "train" not in splits:
             raise UserError(
                 f"{printable(root)} has split folder(s) {first_few(p.name for p in splits.values())} "
                 "but no Train/ folder; add Train/<class>/ folders")
-        others = [d.name for d in listdir(root)[0] if d not in splits.values()]
-        if others:
-            notes.warn(f"ignoring {len(others)} folder(s) beside the split folders: "
-                       f"{first_few(printable(o) for o in others)}")
+        for other in listdir(root)[0]:
+            if other not in splits.values():
+                notes.pass_over(str(other) + os.sep, "a folder beside the split folders")
         parts = [(splits[s], s) for s in SPLITS if s in splits]
     else:
         parts = [(root, None)]

@@ -8,6 +8,9 @@ Two entry points:
 * :func:`load_rgb` is the full decode used for feature extraction: EXIF orientation applied,
   every mode converted to 8-bit RGB, 16-bit images rescaled by their bit depth (never clipped).
 
+DICOM files (``.dcm``, or the ``DICM`` magic whatever the name) go through :mod:`.dicom`;
+:func:`is_image_file` is how the loaders tell an image from other files.
+
 Choices where the contract is silent:
 
 * Alpha channels (LA, PA, RGBA, P with transparency) are *dropped* (PIL ``convert("RGB")``),
@@ -32,13 +35,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.data.dicom import DICOM_SUFFIXES, check_dicom, dicom_rgb, has_dicom_magic, is_dicom
 from common.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
-)
+) | DICOM_SUFFIXES
+
+TRUNCATED = "truncated (incomplete download: download it again)"
+
+# The first bytes of the formats PIL reads here: a file that starts like one but does not
+# parse was cut short, not "not an image".
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 # Operating-system litter, ignored without a word (compared lower-case).  ``__MACOSX`` is the
 # folder macOS zip archives put their metadata in: a directory, never a class.
@@ -61,6 +71,24 @@ def is_ignored(path: Path | str) -> bool:
     if name.startswith("._"):
         return False
     return name.startswith(".") or name.lower() in _IGNORED_NAMES
+
+
+def is_image_file(path: Path | str) -> bool:
+    """True for a file the loaders take for an image: an image suffix (DICOM's included), or the
+    DICOM magic whatever its name (DICOM files often have none, or a UID for a name)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES or has_dicom_magic(path)
+
+
+def _not_an_image(path: Path) -> str:
+    """Why a file PIL cannot identify is no image: cut short, a web page, or something else."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return TRUNCATED
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"{")):
+        return "not an image (a web page or error message saved under an image name: download it again)"
+    return "not an image"
 
 
 def _jpeg_has_eoi(path: Path) -> bool:
@@ -89,25 +117,27 @@ def check_image(path: Path | str) -> str | None:
             return "empty file"
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
+    if is_dicom(path):
+        return check_dicom(path)
     try:
         with Image.open(path) as im:
             fmt = im.format
             im.verify()
         if fmt == "JPEG":
             if not _jpeg_has_eoi(path):
-                return "truncated"
+                return TRUNCATED
         elif fmt != "PNG":
             # verify() checks nothing for these formats; a full load is the only check.
             with Image.open(path) as im:
                 im.load()
     except UnidentifiedImageError:
-        return "not an image"
+        return _not_an_image(path)
     except Image.DecompressionBombError:
         return "too large to decode safely"
     except (OSError, SyntaxError, EOFError, ValueError, IndexError) as exc:
         text = " ".join(str(exc).split()).lower()
         if "truncat" in text or isinstance(exc, EOFError):
-            return "truncated"
+            return TRUNCATED
         return f"corrupt ({' '.join(str(exc).split())})"
     return None
 
@@ -166,6 +196,8 @@ def load_rgb(path: str | Path, shown: str | None = None) -> Image.Image:
     JPEG end marker; a pixel stream that is damaged inside can only fail here.)
     """
     path = Path(path)
+    if is_dicom(path):
+        return Image.fromarray(dicom_rgb(path, shown or str(path)))
     try:
         with Image.open(path) as im:
             im.load()
@@ -179,6 +211,9 @@ def load_rgb(path: str | Path, shown: str | None = None) -> Image.Image:
     except (OSError, SyntaxError, EOFError, ValueError, IndexError,
             Image.DecompressionBombError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if "truncat" in reason.lower() or isinstance(exc, EOFError):
+            raise UserError(f"cannot decode image {shown or path}: it is {TRUNCATED}, or remove it and run "
+                            "again") from None
         raise UserError(
             f"cannot decode image {shown or path}: {reason}; replace or remove the file and run again"
         ) from None

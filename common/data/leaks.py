@@ -1,4 +1,5 @@
-"""Files with identical content in two splits: a leak a researcher must know about."""
+"""Files with identical content: in two splits a leak a researcher must know about; within one
+split a duplicate (under two labels, a label conflict)."""
 
 from __future__ import annotations
 
@@ -21,26 +22,26 @@ def _sha1(path: str) -> str:
     return digest.hexdigest()
 
 
-def find_leaks(table: pd.DataFrame) -> list[tuple[str, str, str, str]]:
+def find_identical(table: pd.DataFrame) -> list[tuple[str, str, str, str]]:
     """``(path_a, split_a, path_b, split_b)`` for every pair of files of ``table`` (columns
-    ``path``, ``split``) with identical content in different splits, ``split_a`` first in
-    train, val, test order; sorted."""
+    ``path``, ``split``) with identical content, ``split_a`` first in train, val, test order (then
+    by path); sorted."""
     sizes = [os.path.getsize(p) for p in table["path"]]
-    # Identical content implies identical size: hash only files whose size occurs in more than
-    # one split, so a leak-free dataset costs one stat per file, not a read of every byte.
-    splits_by_size: dict[int, set[str]] = defaultdict(set)
-    for size, split in zip(sizes, table["split"]):
-        splits_by_size[size].add(split)
-    candidates = [(p, s) for p, s, size in zip(table["path"], table["split"], sizes)
-                  if len(splits_by_size[size]) > 1]
-    digests = parallel(lambda ps: _sha1(ps[0]), candidates, "hashing for leaks")
+    # Identical content implies identical size: hash only files whose size occurs more than
+    # once, so a dataset without duplicates costs one stat per file, not a read of every byte.
+    count = defaultdict(int)
+    for size in sizes:
+        count[size] += 1
+    candidates = [(p, s) for p, s, size in zip(table["path"], table["split"], sizes) if count[size] > 1]
+    digests = parallel(lambda ps: _sha1(ps[0]), candidates, "hashing for duplicates")
     groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for (path, split), digest in zip(candidates, digests):
         groups[digest].append((path, split))
     order = {s: i for i, s in enumerate(SPLITS)}
-    leaks = []
+    pairs = []
     for members in groups.values():
         members.sort(key=lambda ps: (order[ps[1]], ps[0]))
         for i, (pa, sa) in enumerate(members):
-            leaks.extend((pa, sa, pb, sb) for pb, sb in members[i + 1:] if sb != sa)
-    return sorted(leaks)
+            pairs.extend((pa, sa, pb, sb) for pb, sb in members[i + 1:])
+    return sorted(pairs)
+

@@ -8,11 +8,20 @@ path: ``path, filepath, file_path, file, filename, filenames, image, image_path,
 label: ``class_name, classname, label, labels, class, category, code``;
 split: ``split, subset`` with values ``train``/``val``/``test`` (``valid``/``validation`` ->
 ``val``, any case).  Relative paths resolve against the CSV's folder.
+
+Encodings: UTF-8 (with or without the BOM Excel writes) and UTF-16 (Excel's "Unicode text") are
+read as such; a CSV in another encoding (latin-1, cp1252) is refused where its column names or
+labels need decoding, with "save it as UTF-8" - file-name cells keep their bytes, so names that
+are not UTF-8 on disk still match.  Separators: a comma, else the semicolon or tab of the header
+line (Excel in many locales).  A last line cut short without a line break is called a truncated
+file.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv as csv_module
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +33,7 @@ from common.data.dataset import (
     absolute,
     first_few,
     found_table,
+    has_surrogates,
     int_like,
     one_line,
     printable,
@@ -36,30 +46,85 @@ LABEL_COLUMNS = ("class_name", "classname", "label", "labels", "class", "categor
 SPLIT_COLUMNS = ("split", "subset")
 SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
-# File names that are not valid UTF-8 come back as lone surrogates, so they round-trip.
-_ENCODING = {"encoding": "utf-8", "encoding_errors": "surrogateescape"}
-_READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError,
-                csv_module.Error)
+_READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError, OSError, csv_module.Error)
+_SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
+
+
+def _utf16(head: bytes) -> str | None:
+    """The UTF-16 codec of a file starting with ``head``, or None: a BOM, or ASCII text with a zero
+    byte beside every character (Excel's "Unicode text" without its BOM)."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    sample = head[:64] if len(head) % 2 == 0 else head[:-1][:64]
+    if len(sample) >= 4 and not any(sample[1::2]) and all(sample[0::2]):
+        return "utf-16-le"
+    if len(sample) >= 4 and not any(sample[0::2]) and all(sample[1::2]):
+        return "utf-16-be"
+    return None
+
+
+def _options(csv: Path) -> dict:
+    """pandas' encoding and separator options for ``csv`` (see the module docstring)."""
+    with open(csv, "rb") as fh:
+        head = fh.read(4096)
+    encoding = _utf16(head)
+    if encoding is None:
+        # File names that are not valid UTF-8 come back as lone surrogates, so they round-trip.
+        options = {"encoding": "utf-8-sig", "encoding_errors": "surrogateescape"}
+        first = head.decode("utf-8", "replace")
+    else:
+        options = {"encoding": encoding}
+        first = head.decode(encoding, "replace")
+    first = first.lstrip("\ufeff").splitlines()[0] if first.strip() else ""
+    if "," not in first and (";" in first or "\t" in first):
+        options["sep"] = ";" if first.count(";") >= first.count("\t") else "\t"
+    return options
+
+
+def _not_utf8(csv: Path, what: str) -> UserError:
+    return UserError(f"{printable(csv)} is not UTF-8 text ({what}); {_SAVE_AS_UTF8}")
 
 
 def header(csv: Path) -> list[str] | None:
-    """The column names of ``csv`` (stripped, lower case), or None if it cannot be parsed."""
+    """The column names of ``csv`` (stripped, lower case), or None if it cannot be parsed.  Column
+    names that are not UTF-8 are a :class:`UserError` (save it as UTF-8)."""
     try:
-        return [str(c).strip().lower() for c in pd.read_csv(csv, nrows=0, **_ENCODING).columns]
+        columns = [str(c).strip().lower() for c in pd.read_csv(csv, nrows=0, **_options(csv)).columns]
     except _READ_ERRORS:
         return None
+    if any(has_surrogates(c) for c in columns):
+        shown = ", ".join(printable(c) for c in columns)
+        raise _not_utf8(csv, f"column names {shown}")
+    return columns
 
 
 def read_csv(csv: Path) -> pd.DataFrame:
     """Every cell of ``csv`` as text, unstripped (a file name may start or end with a space),
     object dtype, nothing turned into NaN; column names stripped and lower case.  A file that
-    does not parse is a :class:`UserError`."""
+    does not parse is a :class:`UserError`.  ``frame.attrs["cut_short"]``: the file does not end
+    with a line break (its last line may be a cut download)."""
+    columns = header(csv)        # checks the column names' encoding
     try:
-        frame = pd.read_csv(csv, dtype=object, keep_default_na=False, **_ENCODING)
+        frame = pd.read_csv(csv, dtype=object, keep_default_na=False, **_options(csv))
+        with open(csv, "rb") as fh:
+            fh.seek(max(0, csv.stat().st_size - 2))
+            tail = fh.read()
     except _READ_ERRORS as exc:
-        raise UserError(f"cannot read {printable(csv)}: {one_line(exc)}; check that it is a CSV file") from None
-    frame.columns = [str(c).strip().lower() for c in frame.columns]
+        raise UserError(f"cannot read {printable(csv)}: {one_line(exc)}; check that it is a CSV file "
+                        "(or, if its download was cut short, download it again)") from None
+    frame.columns = columns if columns is not None else [str(c).strip().lower() for c in frame.columns]
+    frame.attrs["cut_short"] = bool(tail) and not tail.rstrip(b"\x00").endswith((b"\n", b"\r"))
     return frame
+
+
+def cut_short(cells: pd.DataFrame | pd.Series, csv: Path, line: int, what: str) -> UserError | None:
+    """The error for a bad cell on ``line`` (1-based, the header is line 1) of ``cells`` (read by
+    :func:`read_csv`) when it is the last line and the file ends without a line break: a truncated
+    download, not a wrong label; else None."""
+    if cells.attrs.get("cut_short") and line == len(cells) + 1:
+        return UserError(f"{printable(csv)} line {line}, the last, is cut short ({printable(what)}): the file "
+                         "looks truncated (an incomplete download); download it again")
+    return None
 
 
 def manifest_columns(columns: list[str]) -> tuple[str, str, str | None] | None:
@@ -87,16 +152,22 @@ def class_names(values: pd.Series, to_class: Callable[[str], str | None], csv: P
                 column: str, known: str) -> list[str]:
     """Class name of every label cell; an empty or unknown label is a :class:`UserError`
     naming the CSV, its lines and values, and what labels are accepted."""
-    values = values.str.strip()
+    cells, values = values, values.str.strip()
+    garbled = [i + 2 for i, v in enumerate(values) if has_surrogates(v)]
+    if garbled:
+        raise _not_utf8(csv, f"{column} on line(s) {first_few(map(str, garbled))}, e.g. "
+                             f"'{printable(values.iloc[garbled[0] - 2])}'")
     empty = [i + 2 for i, v in enumerate(values) if not v]  # +2: header line, 1-based
     if empty:
-        raise UserError(f"{printable(csv)}: empty {column} on line(s) {first_few(map(str, empty))}; "
-                        "give every row a label")
+        raise (cut_short(cells, csv, empty[0], f"empty {column}") if len(empty) == 1 else None) or UserError(
+            f"{printable(csv)}: empty {column} on line(s) {first_few(map(str, empty))}; give every row a label")
     names = [to_class(v) for v in values]
-    unknown = sorted({v for v, n in zip(values, names) if n is None})
+    unknown = [(i + 2, v) for i, (v, n) in enumerate(zip(values, names)) if n is None]
     if unknown:
-        raise UserError(f"{printable(csv)}: unknown {column} value(s) "
-                        f"{first_few(repr(printable(u)) for u in unknown)}; labels must be {known}")
+        line, value = unknown[0]
+        raise (cut_short(cells, csv, line, f"{column} {value!r}") if len(unknown) == 1 else None) or UserError(
+            f"{printable(csv)}: unknown {column} value(s) "
+            f"{first_few(repr(printable(u)) for u in sorted({v for _, v in unknown}))}; labels must be {known}")
     return names
 
 
@@ -113,6 +184,17 @@ def split_names(values: pd.Series, csv: Path, column: str) -> list[str]:
 def generic_class(label: str) -> str:
     """Any label as given; integers written alike (``"01"`` and ``"1"`` are one class)."""
     return str(int(label)) if int_like(label) else label
+
+
+def _listed_path(csv: Path, cell: str) -> str:
+    """The absolute path of a path cell: relative to the CSV's folder; a CSV written on Windows
+    (``images\\a.png``) names ``images/a.png`` when only that exists."""
+    path = absolute(Path(cell) if Path(cell).is_absolute() else csv.parent / cell)
+    if "\\" in cell and os.sep == "/" and not os.path.exists(path):
+        posix = absolute(csv.parent / cell.replace("\\", "/"))
+        if os.path.isfile(posix):
+            return posix
+    return path
 
 
 def read_manifest(csv: Path, to_class: Callable[[str], str | None], known: str, notes: Notes,
@@ -138,14 +220,16 @@ def read_manifest(csv: Path, to_class: Callable[[str], str | None], known: str, 
         raise UserError(f"manifest {printable(csv)} has no rows; add one row per image (path,label[,split])")
     names = class_names(frame[label_col], to_class, csv, label_col, known)
     splits = split_names(frame[split_col], csv, split_col) if split_col else [None] * len(frame)
-    paths = [absolute(Path(p) if Path(p).is_absolute() else csv.parent / p) for p in frame[path_col]]
+    paths = [_listed_path(csv, cell) for cell in frame[path_col]]
     present = [Path(p).is_file() for p in paths]
     missing = [p for p, ok in zip(paths, present) if not ok]
     if missing and on_missing == "error":
         raise UserError(f"manifest {printable(csv)}: {len(missing)} listed file(s) not found (relative "
                         f"paths resolve against {printable(csv.parent)}): "
                         f"{first_few((notes.show(p) for p in missing), 3)}; fix the paths or remove the rows")
-    notes.missing(csv, missing)
+    notes.missing(csv, missing, listed=len(frame),
+                  fix=f"relative paths resolve against {printable(csv.parent)}; fix the {path_col} column")
+    notes.uses(csv)
     rows = [(p, raw, n, s) for p, raw, n, s, ok
             in zip(paths, raw_labels(frame[label_col]), names, splits, present) if ok]
     wanted = ",".join([path_col, label_col] + ([split_col] if split_col else []))

@@ -41,6 +41,7 @@ from common.data.folders import (
     image_folder,
     listdir,
     shown_folder,
+    strip_folder_prefix,
     walk_images,
 )
 from common.data.manifest import (
@@ -116,6 +117,7 @@ def _read_kaggle(root: Path, csvs: list[Path], notes: Notes) -> Found:
                         "but no train.csv; restore the Kaggle release's train.csv or pass --manifest FILE")
     images = image_folder(root, KAGGLE_IMAGES)
     folder = images if images is not None else root
+    where_images = shown_folder(folder, root) if images is not None else "the root folder"
     frames, masks = [], set()
     for split, key in (("train", "train.csv"), ("test", "test.csv")):
         if key not in by_name:
@@ -130,22 +132,35 @@ def _read_kaggle(root: Path, csvs: list[Path], notes: Notes) -> Found:
     rows = pd.concat(frames, ignore_index=True)
     # The course code read each CSV with pandas; numeric codes in either make numeric labels.
     rows["raw_label"] = raw_labels(rows["labels"])
-    rows["path"] = [absolute(folder / f) for f in rows["file"]]
+
+    def located(name: str) -> str:
+        # A file name that repeats the image folder ("orthonet data/x.png") names a file inside it.
+        direct = folder / name
+        if not direct.is_file():
+            inside = folder / strip_folder_prefix(name, folder, root)
+            if inside.is_file():
+                return absolute(inside)
+        return absolute(direct)
+
+    rows["path"] = [located(f) for f in rows["file"]]
+    notes.uses(*(located(m) for m in masks))
     is_mask = rows["file"].isin(masks)
     for path in rows.loc[is_mask, "path"]:
         notes.skip(path, "mask file (listed in the masks column), not a sample")
     rows = rows[~is_mask]
     present = rows["path"].map(lambda p: Path(p).is_file())
-    for csv, group in rows[~present].groupby("csv", sort=False):
-        notes.missing(csv, list(group["path"]))
+    for csv, group in rows.groupby("csv", sort=False):
+        notes.missing(csv, list(group.loc[~present[group.index], "path"]), listed=len(group),
+                      fix=f"filenames must be the images' names in {where_images}")
+    notes.uses(*by_name.values())
     rows = rows[present]
     if "test.csv" not in by_name:
         notes.warn(f"no test.csv beside {printable(by_name['train.csv'].name)}: the test split is carved "
                    "from train, not the official one")
     used = " + ".join(printable(by_name[k].name) for k in KAGGLE_CSVS if k in by_name)
-    where = shown_folder(folder, root) if images is not None else "the root folder"
     table = found_table(list(zip(rows["path"], rows["raw_label"], rows["class_name"], rows["split"])))
-    return Found(table, f"OrthoNet Kaggle release: {used} (filenames,labels), images in {where}")
+    return Found(table, f"OrthoNet Kaggle release: {used} (filenames,labels), images in {where_images}"
+                        + (f", {len(masks)} mask file(s) not samples" if masks else ""))
 
 
 def _read_flat(root: Path, files: list[Path], notes: Notes) -> Found:

@@ -32,6 +32,8 @@ from common.data.dataset import (
 from common.data.folders import descend_wrappers
 from common.data.images import is_ignored
 from common.data.manifest import generic_class, read_manifest
+from common.data.splits import DEFAULT_FRACTION
+from common.data.unused import ARCHIVE_SUFFIXES
 from common.errors import UserError
 from common.io import write_csv
 
@@ -89,6 +91,9 @@ def _image_root(name: str, image_path: str | os.PathLike) -> Path:
     if not root.exists():
         raise UserError(f"image path {printable(root)} does not exist; expected {_expected(name)}")
     if not root.is_dir():
+        if root.suffix.lower() in ARCHIVE_SUFFIXES:
+            raise UserError(f"image path {printable(root)} is an archive, not a folder; unzip it and pass the folder "
+                            f"it holds (expected {_expected(name)})")
         raise UserError(f"image path {printable(root)} is not a folder; expected {_expected(name)}")
     if all(is_ignored(e) for e in os.listdir(root)):
         raise UserError(f"image path {printable(root)} is empty; expected {_expected(name)}")
@@ -96,15 +101,18 @@ def _image_root(name: str, image_path: str | os.PathLike) -> Path:
 
 
 def load_dataset(name: str, image_path: str | os.PathLike | None = None, *,
-                 manifest: str | os.PathLike | None = None, seed: int = 0, val_fraction: float = 0.15,
-                 test_fraction: float = 0.15, strict: bool = False) -> Dataset:
+                 manifest: str | os.PathLike | None = None, seed: int = 0,
+                 val_fraction: float = DEFAULT_FRACTION, test_fraction: float = DEFAULT_FRACTION,
+                 strict: bool = False) -> Dataset:
     """Load, check and split dataset ``name`` from ``image_path`` (its layout auto-detected) or
     from a ``manifest`` CSV (``path,label[,split]``; relative paths against the CSV's folder).
 
     Splits: the official one where the layout has it; missing splits carved from train,
     stratified by class with ``seed`` (:mod:`.splits`).  ``strict`` turns skipped files
     (unreadable, truncated, empty, ``._*``, unknown OrthoNet code, CSV rows without an image)
-    into a :class:`UserError`.  Nothing under ``image_path`` is ever written.
+    into a :class:`UserError`.  Files and folders under ``image_path`` the layout does not use
+    are named in one warning (and in ``Dataset.unused``).  Nothing under ``image_path`` is ever
+    written.
     """
     name = str(name).lower()
     if name not in DATASET_NAMES:
@@ -139,7 +147,8 @@ def load_dataset(name: str, image_path: str | os.PathLike | None = None, *,
             found.layout += f" (inside the wrapper folder {'/'.join(wrappers)}/)"
     logger.info("%s: found layout: %s", name, found.layout)
     return build_dataset(name, root, found, notes, expected=_expected(name), seed=seed,
-                         val_fraction=val_fraction, test_fraction=test_fraction, strict=strict)
+                         val_fraction=val_fraction, test_fraction=test_fraction, strict=strict,
+                         scan=manifest is None)
 
 
 def write_splits(dataset: Dataset, path: str | os.PathLike) -> None:
@@ -176,6 +185,12 @@ def check_data_report(dataset: Dataset) -> str:
     lines += [f"  {dataset.display(p)}: {r}" for p, r in dataset.skipped[:10]]
     if len(dataset.skipped) > 10:
         lines.append(f"  ... and {len(dataset.skipped) - 10} more")
+    lines.append(f"Not used (files and folders under the root no image or label CSV accounts for): "
+                 f"{len(dataset.unused)}")
+    lines += [f"  {dataset.display(p.rstrip(os.sep))}{'/' if p.endswith(os.sep) else ''}: {r}"
+              for p, r in dataset.unused[:10]]
+    if len(dataset.unused) > 10:
+        lines.append(f"  ... and {len(dataset.unused) - 10} more")
     lines.append(f"Leaks (identical content in two splits): {len(dataset.leaks)}")
     lines += [f"  {dataset.display(a)} ({sa}) == {dataset.display(b)} ({sb})"
               for a, sa, b, sb in dataset.leaks[:10]]

@@ -25,7 +25,7 @@ def _write(tmp_path: Path, name: str, im: Image.Image, **kw) -> Path:
 
 
 def test_image_suffixes_are_lowercase_and_complete():
-    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
 
 
 @pytest.mark.parametrize("name", [".hidden.png", ".DS_Store", "Thumbs.db", "thumbs.db",
@@ -50,7 +50,7 @@ def test_check_image_flags_truncated_png_and_jpeg(tmp_path):
         path = _write(tmp_path, name, _noise_rgb())
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-        assert check_image(path) == "truncated", name
+        assert check_image(path) == "truncated (incomplete download: download it again)", name
 
 
 def test_check_image_allows_zero_padding_after_jpeg_eoi(tmp_path):
@@ -148,3 +148,25 @@ def test_load_rgb_does_not_modify_the_file(tmp_path):
     load_rgb(path)
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
 
+
+
+@pytest.mark.parametrize("name, fmt", [("a.png", "PNG"), ("a.jpg", "JPEG"), ("a.gif", "GIF"), ("a.bmp", "BMP"),
+                                       ("a.tif", "TIFF"), ("a.webp", "WEBP")])
+def test_a_download_cut_inside_the_header_is_truncated_not_another_type(tmp_path, name, fmt):
+    path = _write(tmp_path, name, _noise_rgb(), format=fmt)
+    path.write_bytes(path.read_bytes()[:12])
+    assert check_image(path) == "truncated (incomplete download: download it again)"
+
+
+def test_a_web_page_saved_as_an_image_says_so(tmp_path):
+    path = tmp_path / "scan.png"
+    path.write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>")
+    assert check_image(path).startswith("not an image (a web page or error message")
+
+
+def test_load_rgb_of_a_cut_file_says_download_it_again(tmp_path):
+    path = _write(tmp_path, "cut.png", _noise_rgb())
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(UserError) as err:
+        load_rgb(path)
+    assert "cut.png" in str(err.value) and "download it again" in str(err.value)
