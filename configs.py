@@ -177,9 +177,22 @@ RUN_DEFAULTS = {
     "probe_patience": 15,
     "probe_min_delta": 1e-4,      # a val-loss improvement must exceed this fraction of the best to count
     "probe_class_weights": False,
-    "bootstrap_resamples": 1000,
+    "bootstrap_resamples": 1000,  # paired bootstrap of the test set (intervals; docs/statistics.md)
+    "permutations": 2000,         # paired permutation test of the metrics other than top-1 (p >= 1/2001)
+    "probe_refits": 20,           # probe procedure rerun on bootstrap resamples of the training set (0: off)
+    "primary_metric": "auto",     # the metric the answer is about; auto = PRIMARY_METRIC of the dataset
     "figure_images": 4,           # test images drawn in the norm and attention maps
     "analysis_images": 128,       # test images used for outliers.csv and the layer curves
+}
+
+# The metric each dataset's answer (the verdict of summary.md) is about; the others are reported as
+# secondary.  "manifest" is a dataset given by --manifest.  --set primary_metric=... overrides it
+# for one run (any metric the dataset reports, e.g. f1_macro; qwk needs APTOS grades).
+PRIMARY_METRIC = {
+    "pacemaker": "top1",
+    "orthonet": "top1",
+    "aptos": "qwk",
+    "manifest": "top1",
 }
 
 # CLIP zero-shot (--zero_shot): each class is scored by the mean text embedding of its prompts,

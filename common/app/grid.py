@@ -125,6 +125,7 @@ class Cell:
     settings: dict[str, str]                  # applicable axis -> value
     argv: list[str]                           # after ``test_<dataset>.py``
     folder: str
+    main: bool = True                         # a main cell: every axis at its main value (:func:`main_values`)
     status: str = "pending"                   # pending | done | resumed | failed | interrupted
     exit_code: int | None = None
     error: str = ""
@@ -238,11 +239,24 @@ def _applicable(request: Request, model: str, axis: str, values: tuple[str, ...]
     return valid, ("" if len(valid) == len(values) else f"not a size of {model} (its sizes: {', '.join(sizes)})")
 
 
+def main_values(request: Request, model: str) -> dict[str, str]:
+    """Per axis the value of the main cells (the datasets x models the study lists; Holm runs over
+    their primary metric, the other values are sensitivity analyses): the model's configured value
+    when it is among the axis's values (``neurons``: detected), else the first value given."""
+    from common.app.settings import resolve_config
+
+    config = resolve_config(model, [*(DEMO_SETS if request.demo else ()), *request.sets], demo=request.demo)
+    configured = {axis: str(config.get(axis, "detected" if axis == "neurons" else "")) for axis in request.axes}
+    return {axis: configured[axis] if configured[axis] in values else values[0]
+            for axis, values in request.axes.items()}
+
+
 def plan_grid(request: Request) -> tuple[list[Cell], list[Skipped]]:
     """The cells (each dataset x each model x the applicable axis values) and what is skipped."""
     cells: list[Cell] = []
     skipped: list[Skipped] = []
     seen: set[str] = set()
+    mains = {model: main_values(request, model) for model in request.models} if request.axes else {}
     for dataset in request.datasets:
         for model in request.models:
             axes = {}
@@ -265,6 +279,8 @@ def plan_grid(request: Request) -> tuple[list[Cell], list[Skipped]]:
                     continue
                 seen.add(name)
                 folder = request.out / "cells" / name
+                main = all(mains[model].get(axis) == value for axis, value in settings.items())
                 cells.append(Cell(name, dataset, model, settings,
-                                  _cell_argv(request, dataset, model, settings, folder), str(folder.resolve())))
+                                  _cell_argv(request, dataset, model, settings, folder), str(folder.resolve()),
+                                  main=main))
     return cells, skipped

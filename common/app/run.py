@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from common import distributed
 from common.app.runstate import RunState, write_config
 from common.app.scoring import score, train_probes
-from common.app.settings import DatasetSpec, RunOptions, resolve_workers
+from common.app.settings import DatasetSpec, RunOptions, resolve_primary_metric, resolve_workers
 from common.data.cache import Cache, cache_key, default_cache_dir
 from common.data.imagebank import ImageBank
 from common.data.images import check_image, is_ignored, is_image_file
@@ -412,6 +412,7 @@ def execute(spec: DatasetSpec, options: RunOptions, config: dict, *, device: tor
             planted: PlantedModel | None = None, ranking: NeuronRanking | None = None) -> RunState:
     """Run every stage; ``planted`` replaces the backbone (and its data) in a demo, ``ranking`` is a
     ``--neurons`` ranking already read and checked."""
+    config["primary_metric"] = resolve_primary_metric(config, spec)   # config.json records the one used
     modes = tuple(MODES) + tuple(m for m in config["extra_modes"] if m not in MODES)
     with distributed.session(device or torch.device("cpu")) as (dist, device):
         state = RunState(spec=spec, options=options, config=config, dist=dist, modes=modes)
@@ -428,6 +429,8 @@ def execute(spec: DatasetSpec, options: RunOptions, config: dict, *, device: tor
             if state.bank is not None:
                 state.bank.close()
     if state.main:
+        for line in state.answer:   # the verdict on the primary metric, the run's last words
+            print(line)
         print(f"done: {options.out / 'summary.md'}")
     return state
 
@@ -472,7 +475,7 @@ def _run_stages(state: RunState, device: torch.device, planted: PlantedModel | N
         state.metrics = score(state, probabilities)
         sections, state.outliers = stage_analysis(state)
         _stage(state, "summary")
-        write_summary(state, sections)
+        state.answer = write_summary(state, sections)
     state.timings["total"] = round(time.monotonic() - started, 2)
     write_config(state, "done")
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from common import distributed
@@ -16,6 +17,7 @@ from common.app.settings import DatasetSpec, RunOptions
 from common.data.cache import Cache, library_versions
 from common.data.imagebank import ImageBank
 from common.data.registry import Dataset
+from common.evaluation.compare import SCHEMA_VERSION
 from common.io import write_json
 from common.models.backbone import Backbone
 from common.registers.features import FeatureSet
@@ -53,6 +55,8 @@ class RunState:
     timings: dict[str, float] = field(default_factory=dict)
     course_probes: dict = field(default_factory=dict)     # mode -> common.evaluation.course.CourseProbe
     detection_paths: list[str] | None = None              # the images detection runs on
+    refit_probabilities: dict[str, np.ndarray] = field(default_factory=dict)   # mode -> [R, N, C] per refit
+    answer: list[str] = field(default_factory=list)       # the verdict lines the terminal ends with
 
     @property
     def main(self) -> bool:
@@ -87,6 +91,7 @@ def write_config(state: RunState, status: str) -> None:
         "library_versions": {"python": platform.python_version(), **library_versions(RECORDED_LIBRARIES)},
         "processes": state.dist.world,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "schema_version": SCHEMA_VERSION,
     }
     if backbone is not None:
         data.update({"device": str(backbone.device), "backbone": backbone.description,

@@ -1,25 +1,30 @@
-"""The probes and the scores of one run (docs/run.md): a probe per mode on the pooled features,
-the metrics of every mode against the baseline (and the course project's saved probes, CLIP's
-zero-shot prompts when asked for); writes metrics.csv and one predictions file per row.  Rank 0
-only: the features are gathered there.
+"""The probes and the scores of one run (docs/run.md): a probe per mode on the pooled features
+(and its refits on resamples of the training set), the metrics of every mode against the
+baseline (and the course project's saved probes, CLIP's zero-shot prompts when asked for);
+writes metrics.csv and one predictions file per row.  Rank 0 only: the features are gathered there.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from common.app.runstate import RunState
+from common.app.settings import resolve_primary_metric
 from common.data.registry import SPLITS, manufacturer_of
-from common.evaluation.metrics import MetricSpec, ensemble_predictions, evaluate_modes
+from common.evaluation.compare import evaluate_modes
+from common.evaluation.metrics import MetricSpec, ensemble_predictions
 from common.evaluation.probe import ProbeConfig, fit_probes
+from common.evaluation.refits import refit_probabilities
 from common.evaluation.zeroshot import class_embeddings, class_prompts, zero_shot_probabilities
 from common.io import write_csv, write_json
 from common.registers.modes import BASELINE, COURSE_SUFFIX, MODES, ZERO_SHOT_SUFFIX, predictions_file
 
 
-def _probe_config(config: dict) -> ProbeConfig:
+def probe_config(config: dict) -> ProbeConfig:
     return ProbeConfig(
         lr_grid=tuple(config["probe_lr_grid"]), weight_decay_grid=tuple(config["probe_weight_decay_grid"]),
         max_epochs=config["probe_max_epochs"], patience=config["probe_patience"],
@@ -50,12 +55,22 @@ def train_probes(state: RunState) -> dict[str, np.ndarray]:
         X = {split: state.features[(mode, split)].select(config["feature"]) for split in SPLITS}
         probabilities[mode], state.probe_choices[mode] = fit_probes(
             X["train"], labels["train"], X["val"], labels["val"], X["test"], len(state.dataset.class_names),
-            _probe_config(config))
+            probe_config(config))
         stalled = [c["seed"] for c in state.probe_choices[mode] if not c.get("converged", True)]
         if stalled:
             state.not_converged.append(
                 f"{mode}: probe seed(s) {stalled} reached probe_max_epochs={config['probe_max_epochs']} with the "
                 "validation loss still falling (not converged; raise probe_max_epochs)")
+    if config["probe_refits"] > 0:
+        # the refits compare no-ttr and ttr only (extra modes are scored by the conditional tests)
+        started = time.monotonic()
+        refit_modes = [mode for mode in MODES if mode in state.modes]
+        state.refit_probabilities = refit_probabilities(
+            {mode: tuple(state.features[(mode, split)].select(config["feature"]) for split in SPLITS)
+             for mode in refit_modes},
+            labels["train"], labels["val"], len(state.dataset.class_names), probe_config(config),
+            config["probe_refits"], config["seed"])
+        state.timings["probe_refits"] = round(time.monotonic() - started, 2)
     return probabilities
 
 
@@ -66,17 +81,18 @@ def score(state: RunState, probabilities: dict[str, np.ndarray]) -> pd.DataFrame
     probabilities = dict(probabilities)
     labels = {"test": _labels(state, "test")}
     spec = _metric_spec(state)
-    metrics = evaluate_modes(labels["test"], probabilities, spec, n_boot=config["bootstrap_resamples"],
-                             seed=config["seed"], baseline=BASELINE)
+    options = {"n_boot": config["bootstrap_resamples"], "n_perm": config["permutations"], "seed": config["seed"],
+               "primary": resolve_primary_metric(config, state.spec)}
+    metrics = evaluate_modes(labels["test"], probabilities, spec, baseline=BASELINE,
+                             refits=state.refit_probabilities, **options)
     extra_rows = {}
     if state.options.reference_probes:
         extra_rows[COURSE_SUFFIX] = _course_probabilities(state)
     if config["zero_shot"]:
         extra_rows[ZERO_SHOT_SUFFIX] = _zero_shot(state)
     for suffix, rows in extra_rows.items():
-        metrics = pd.concat([metrics, evaluate_modes(
-            labels["test"], rows, spec, n_boot=config["bootstrap_resamples"], seed=config["seed"],
-            baseline=BASELINE + suffix)], ignore_index=True)
+        metrics = pd.concat([metrics, evaluate_modes(labels["test"], rows, spec, baseline=BASELINE + suffix,
+                                                     **options)], ignore_index=True)
         probabilities.update(rows)
     write_csv(state.options.out / "metrics.csv", metrics)
     test_paths = state.split_paths("test")

@@ -129,7 +129,7 @@ NUMBER_OR_AUTO_KEYS = ("register_norm_threshold",)
 COUNT_OR_AUTO_KEYS = ("num_workers",)
 # Keys that take an integer of at least this much.
 LOWEST = {"batch_size": 1, "detect_images": 1, "probe_max_epochs": 1, "probe_patience": 1,
-          "bootstrap_resamples": 1, "figure_images": 0, "analysis_images": 0}
+          "bootstrap_resamples": 1, "permutations": 1, "probe_refits": 0, "figure_images": 0, "analysis_images": 0}
 # ... and these only with a model (the run defaults alone have none of them).
 LOWEST_WITH_MODEL = {"num_registers": 1, "top_k": 1}
 
@@ -260,6 +260,10 @@ def validate(config: dict, model: str | None) -> dict:
         values = config[key]
         if not all(_is_number(v) and v >= 0 for v in values) or (key == "probe_lr_grid" and min(values) <= 0):
             raise UserError(f"{key}={values!r}: expected positive numbers (weight decay may be 0)")
+    primary = config["primary_metric"]
+    if primary != "auto" and primary not in _metric_names():
+        raise UserError(f"primary_metric={primary!r}: use auto (the dataset's, configs.PRIMARY_METRIC) or one of "
+                        f"{', '.join(_metric_names())}")
     if not all(_is_int(s) for s in config["probe_seeds"]):
         raise UserError(f"probe_seeds={config['probe_seeds']!r}: expected integers, e.g. (0, 1, 2)")
     if model is None:
@@ -273,6 +277,26 @@ def validate(config: dict, model: str | None) -> dict:
     if config["zero_shot"] and not family.supports_zero_shot:
         raise UserError(f"--zero_shot needs a backbone with a text tower (clip); {model} has none")
     return config
+
+
+def _metric_names() -> tuple[str, ...]:
+    from common.evaluation.metrics import METRIC_LABELS
+
+    return tuple(METRIC_LABELS)
+
+
+def resolve_primary_metric(config: dict, spec: DatasetSpec) -> str:
+    """The primary metric of a run: ``primary_metric``, or for ``auto`` the dataset's entry of
+    ``configs.PRIMARY_METRIC`` (top1 for a dataset without one); one line naming the key when the
+    dataset does not report that metric (qwk is APTOS's, manufacturer_top1 Pacemaker's)."""
+    primary = config["primary_metric"]
+    if primary == "auto":
+        primary = configs.PRIMARY_METRIC.get(spec.name, "top1")
+    reported = {"qwk": spec.qwk, "manufacturer_top1": spec.manufacturer}
+    if not reported.get(primary, True) or primary not in _metric_names():
+        valid = [m for m in _metric_names() if reported.get(m, True)]
+        raise UserError(f"primary_metric={primary!r}: {spec.title} does not report it; use one of {', '.join(valid)}")
+    return primary
 
 
 def validate_for_model(config: dict, identity: ModelIdentity) -> None:

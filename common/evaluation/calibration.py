@@ -11,6 +11,10 @@ as in a run's ``predictions_<mode>.csv``) and integer ``labels`` ``[N]`` in ``0.
 * :func:`brier_score`: the multi-class Brier score (Brier 1950), the mean over rows of
   ``sum_c (p_c - onehot_c)^2``.  In [0, 2]; 0 is a perfect, certain prediction.
 
+:func:`weighted_ece` and :func:`weighted_brier` give both for many weightings of the rows at once
+(``W [B, N]``: bootstrap multiplicities), so the change between two modes gets a paired bootstrap
+interval (the same resamples for both, :func:`common.evaluation.stats.bootstrap_difference`).
+
 Pure numpy, no state; the report of :mod:`common.reporting.studyreport` calls them per cell and mode.
 """
 
@@ -64,3 +68,28 @@ def brier_score(probabilities, labels) -> float:
     onehot = np.zeros_like(p)
     onehot[np.arange(len(y)), y] = 1.0
     return float(((p - onehot) ** 2).sum(axis=1).mean())
+
+
+def weighted_ece(probabilities, labels, W: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """ECE of each weighting ``W [B, N]`` of the rows (row ``i`` counted ``W[b, i]`` times), ``[B]``;
+    a row of ones is :func:`expected_calibration_error`.  NaN where the weights sum to 0."""
+    p, y = _check(probabilities, labels)
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(float)
+    onehot = np.eye(n_bins)[bin_index(confidence, n_bins)]        # [N, bins]
+    gap = np.abs(W @ (onehot * correct[:, None]) - W @ (onehot * confidence[:, None]))   # [B, bins]
+    total = W.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, gap.sum(axis=1) / np.where(total > 0, total, 1.0), np.nan)
+
+
+def weighted_brier(probabilities, labels, W: np.ndarray) -> np.ndarray:
+    """Brier score of each weighting ``W [B, N]`` of the rows, ``[B]`` (NaN where the weights sum to 0)."""
+    p, y = _check(probabilities, labels)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(len(y)), y] = 1.0
+    per_row = ((p - onehot) ** 2).sum(axis=1)
+    total = W.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (W @ per_row) / np.where(total > 0, total, 1.0), np.nan)
+

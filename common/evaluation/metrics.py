@@ -1,33 +1,31 @@
-"""Test-split metrics, seeded bootstrap intervals and the paired comparison of modes (docs/run.md).
+"""Test-split metrics of one probability matrix, on the full test set and on weighted resamples
+(docs/statistics.md).
 
 One prediction per mode
     A mode's prediction is the **seed ensemble**, the mean probability over its probe seeds
     (``[S, N, C] -> [N, C]``, :func:`ensemble_predictions`).  That one matrix gives the headline
     metrics, their intervals, every paired test and ``predictions_<mode>.csv``, so the table,
-    the tests and the predictions file cannot disagree.  The per-seed metrics only give the
-    spread beside them (``<metric>_seed_sd``, sample sd with ``ddof=1``; 0 for one seed).
+    the tests and the predictions file cannot disagree.
 
-Resamples, intervals and paired tests
-    The statistics (shared bootstrap resamples ``W [B, N]``, percentile intervals, the paired
-    bootstrap and McNemar's test, Holm) live in :mod:`common.evaluation.stats`.  Here
-    :func:`_bootstrap_metrics` computes every metric on all resamples in one vectorised pass
-    (per-class counts are ``W @ onehot``; the one-vs-rest AUC is the tie-aware Mann-Whitney
-    statistic with the multiplicities as weights); the full test set is one more row of ``W``
-    (all ones), so point estimates and resamples share one code path, and
-    ``tests/evaluation/test_metrics.py`` checks both against scikit-learn.
+Weighted resamples
+    :func:`weighted_metrics` computes every metric for many weightings of the test rows in one
+    vectorised pass (per-class counts are ``W @ onehot``; the one-vs-rest AUC is the tie-aware
+    Mann-Whitney statistic with the weights as multiplicities).  The full test set is a row of
+    ones, a bootstrap resample its multiplicities, and a permutation of the paired permutation
+    test a 0/1 choice between the two modes' stacked rows, so point estimates, bootstrap and
+    permutations share one code path; ``tests/evaluation/test_metrics.py`` checks it against
+    scikit-learn.  How the modes are compared is :mod:`common.evaluation.compare`.
 
 Rates are fractions in [0, 1]; kappa is in [-1, 1].
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
@@ -41,10 +39,6 @@ from sklearn.metrics import (
 )
 
 from common.errors import UserError
-from common.evaluation.stats import mcnemar, paired_difference, percentile_interval, resample_weights
-from common.registers.modes import BASELINE
-
-logger = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = (
     "top1",
@@ -68,6 +62,9 @@ METRIC_LABELS: dict[str, str] = {
     "manufacturer_top1": "manufacturer top-1",
 }
 TOP_K = 3
+# Metrics that are the share of correctly answered test images: their paired difference is
+# tested exactly (McNemar) with Tango's interval, their per-mode interval is Wilson's.
+PROPORTIONS: tuple[str, ...] = ("top1", "manufacturer_top1")
 
 
 @dataclass
@@ -114,7 +111,7 @@ class MetricSpec:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_y(y_true, n_classes: int) -> np.ndarray:
+def check_labels(y_true, n_classes: int) -> np.ndarray:
     y = np.asarray(y_true)
     if y.ndim != 1 or y.shape[0] == 0:
         raise UserError(f"true labels have shape {y.shape}; expected a non-empty 1-D integer array [N]")
@@ -128,7 +125,7 @@ def _check_y(y_true, n_classes: int) -> np.ndarray:
     return y
 
 
-def _check_proba(proba, n_rows: int, n_classes: int, ndim: int, name: str = "probabilities") -> np.ndarray:
+def check_probabilities(proba, n_rows: int, n_classes: int, ndim: int, name: str = "probabilities") -> np.ndarray:
     p = np.asarray(proba, dtype=np.float64)
     expect = "[N, C]" if ndim == 2 else "[S, N, C]"
     if p.ndim != ndim or p.shape[-1] != n_classes or p.shape[-2] != n_rows or p.shape[0] == 0:
@@ -181,8 +178,8 @@ def compute_metrics(y_true, proba, spec: MetricSpec) -> dict[str, float]:
     - ``manufacturer_top1``: share of rows whose predicted class has the true class's manufacturer.
     """
     C = spec.n_classes
-    y = _check_y(y_true, C)
-    p = _check_proba(proba, len(y), C, 2)
+    y = check_labels(y_true, C)
+    p = check_probabilities(proba, len(y), C, 2)
     pred = p.argmax(axis=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
@@ -244,7 +241,7 @@ def _weighted_auc(WT: np.ndarray, pos: np.ndarray, score: np.ndarray) -> np.ndar
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _bootstrap_metrics(
+def weighted_metrics(
     y: np.ndarray, proba: np.ndarray, spec: MetricSpec, W: np.ndarray, names: tuple[str, ...] | None = None
 ) -> dict[str, np.ndarray]:
     """Metrics of ``spec`` on each resample ``W [B, N]`` for one probability matrix ``proba [N, C]``.
@@ -309,91 +306,13 @@ def _bootstrap_metrics(
     return {m: v for m, v in out.items() if m in wanted}
 
 
-# --------------------------------------------------------------------------- the table
-
-
-def metric_columns(spec: MetricSpec) -> list[str]:
-    """``metrics.csv`` column names for ``spec`` in order (docs/run.md): ``mode``; per metric
-    ``m, m_lo, m_hi, m_seed_sd``; ``auc_classes``; ``p_mcnemar_top1, mcnemar_b, mcnemar_c``;
-    per metric ``m_diff, m_diff_lo, m_diff_hi, p_m``."""
-    names = spec.names()
-    return (["mode"] + [f"{m}{s}" for m in names for s in ("", "_lo", "_hi", "_seed_sd")] + ["auc_classes"]
-            + ["p_mcnemar_top1", "mcnemar_b", "mcnemar_c"]
-            + [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}")])
-
-
-def evaluate_modes(
-    y_true,
-    proba_by_mode: dict[str, np.ndarray],
-    spec: MetricSpec,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    baseline: str = BASELINE,
-) -> pd.DataFrame:
-    """Score every mode on the test split and compare each with ``baseline``: the ``metrics.csv`` table.
-
-    ``y_true``: int ``[N]`` class indices.  ``proba_by_mode``: mode -> ``[S, N, C]`` test
-    probabilities per probe seed (``S`` may differ between modes, ``S = 1`` for a fixed saved
-    probe); it must contain ``baseline``.  Each mode is scored on its seed ensemble
-    (``[N, C]``, module docstring), all on the same ``n_boot`` resamples.
-
-    Returns one row per mode in the dict's order, columns :func:`metric_columns`:
-
-    - ``m``: metric ``m`` of the ensemble on the full test split; ``m_lo``/``m_hi``: its 95%
-      percentile bootstrap interval; ``m_seed_sd``: sd over seeds of the per-seed metric
-      (``ddof=1``; 0 for ``S = 1``);
-    - ``auc_classes``: classes ``auc_macro`` averages over (those with a positive and a
-      negative in the test split);
-    - on every row but the baseline's (NaN there): ``p_mcnemar_top1``, ``mcnemar_b``,
-      ``mcnemar_c`` (exact McNemar on top-1 correctness) and per metric ``m_diff`` (mode -
-      baseline), ``m_diff_lo``/``m_diff_hi`` (95% paired-bootstrap interval) and ``p_m``
-      (two-sided paired-bootstrap p-value, percentile inversion).
-
-    Raises :class:`UserError` for bad labels, shapes, NaN probabilities, a missing baseline or a
-    bad ``n_boot``.
-    """
-    C = spec.n_classes
-    y = _check_y(y_true, C)
-    n = len(y)
-    if not proba_by_mode:
-        raise UserError("no modes to score; give at least the baseline's probabilities")
-    if baseline not in proba_by_mode:
-        raise UserError(f"baseline mode {baseline!r} is missing; modes given: {', '.join(map(str, proba_by_mode))}")
-    probas = {mode: _check_proba(p, n, C, 3, f"{mode} probabilities per seed") for mode, p in proba_by_mode.items()}
-    names = spec.names()
-    # Row 0 is the full test set, rows 1.. the shared resamples: one code path for both.
-    W = np.vstack([np.ones((1, n)), resample_weights(n, n_boot, seed)])
-    ones = W[:1]
-
-    values: dict[str, dict[str, np.ndarray]] = {}
-    correct: dict[str, np.ndarray] = {}
-    rows: dict[str, dict] = {}
-    for mode, P in probas.items():
-        ensemble = ensemble_predictions(P)
-        values[mode] = _bootstrap_metrics(y, ensemble, spec, W)
-        correct[mode] = ensemble.argmax(axis=1) == y
-        per_seed = [_bootstrap_metrics(y, P[s], spec, ones) for s in range(P.shape[0])] if P.shape[0] > 1 else []
-        row: dict = {"mode": mode}
-        for m in names:
-            boot = values[mode][m][1:]
-            row[m] = float(values[mode][m][0])
-            row[f"{m}_lo"], row[f"{m}_hi"] = percentile_interval(boot)
-            row[f"{m}_seed_sd"] = float(np.std([d[m][0] for d in per_seed], ddof=1)) if per_seed else 0.0
-            skipped = int(np.count_nonzero(~np.isfinite(boot)))
-            if skipped:
-                logger.info("%s %s: %d of %d bootstrap resamples undefined, skipped", mode, m, skipped, n_boot)
-        row["auc_classes"] = int(np.count_nonzero(_auc_classes(y, C)))
-        rows[mode] = row
-
-    for mode in probas:
-        row = rows[mode]
-        if mode == baseline:
-            row.update({"p_mcnemar_top1": math.nan, "mcnemar_b": math.nan, "mcnemar_c": math.nan})
-        else:
-            row["mcnemar_b"], row["mcnemar_c"], row["p_mcnemar_top1"] = mcnemar(correct[baseline], correct[mode])
-        for m in names:
-            difference = ((math.nan,) * 4 if mode == baseline
-                          else paired_difference(values[mode][m], values[baseline][m]))
-            row[f"{m}_diff"], row[f"{m}_diff_lo"], row[f"{m}_diff_hi"], row[f"p_{m}"] = difference
-    return pd.DataFrame([rows[mode] for mode in probas], columns=metric_columns(spec))
+def proportion_hits(y: np.ndarray, proba: np.ndarray, spec: MetricSpec) -> dict[str, np.ndarray]:
+    """Per proportion metric of ``spec`` (:data:`PROPORTIONS`), which test rows count as right,
+    ``[N]`` bools: ``top1`` the predicted class is the true one, ``manufacturer_top1`` it has the
+    true class's manufacturer.  ``y [N]`` class indices, ``proba [N, C]``."""
+    pred = np.asarray(proba).argmax(axis=1)
+    hits = {"top1": pred == y}
+    if spec.manufacturer_of_class is not None:
+        man = spec.manufacturer_codes()
+        hits["manufacturer_top1"] = man[pred] == man[y]
+    return hits

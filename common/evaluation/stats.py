@@ -1,79 +1,44 @@
-"""The statistics of a comparison: bootstrap resamples, percentile intervals, the paired tests of
-two modes on the same test images, and the Holm adjustment over many comparisons (docs/statistics.md).
+"""The statistics of a comparison of two modes on the same test images (docs/statistics.md).
 
-:func:`common.evaluation.metrics.evaluate_modes` computes each metric on the full test set and on
-every resample; everything here turns those values into intervals and p-values.
+Real runs change few predictions, so every test here is chosen to stay right when only a handful
+of test images differ between the modes.  :mod:`common.evaluation.compare` applies them to the
+metrics of :mod:`common.evaluation.metrics` and writes ``metrics.csv``.
 
-Bootstrap
-    ``n_boot`` resamples of the test rows (indices from ``numpy.random.default_rng(seed)``,
-    ``integers(0, N, size=(n_boot, N))``), held as multiplicities ``W [B, N]``
-    (:func:`resample_weights`).  The same ``W`` serves every mode, so the per-mode intervals and
-    the paired differences come from the same resamples.  A resample on which a metric is
-    undefined (AUC with no class that has a positive and a negative; QWK with no expected
-    disagreement) is skipped for that metric, and for a difference, every resample where either
-    mode's value is undefined.
+Proportions of correct images (top-1, manufacturer top-1)
+    * **Exact McNemar** (:func:`mcnemar_p`): with ``better`` = images only the mode gets right and
+      ``worse`` = images only the baseline gets right, the two-sided exact binomial test of
+      ``better`` successes in ``better + worse`` trials at probability 1/2 (1 when nothing is
+      discordant).  Exact at every number of discordant pairs, so never liberal.
+    * **Tango's score interval** (Tango 1998) for the paired difference ``(better - worse) / N``
+      (:func:`tango_interval`): the differences ``delta`` whose score statistic, with the
+      nuisance probability at its restricted maximum-likelihood value, stays within the normal
+      quantile.  Its width is positive whenever ``N > 0``, also when nothing changed (about
+      +-0.11 at N = 30).
+    * **Wilson** interval per mode (:func:`wilson_interval`).
 
-Intervals
-    95% percentile intervals taken as order statistics (:func:`percentile_interval`): with ``B``
-    usable resamples and ``j = #{k >= 0 : 2k/B < 0.05}`` (``j = 25`` for ``B = 1000``) the
-    interval is ``[j-th smallest, j-th largest]``.  That choice makes the interval of a
-    difference agree exactly with its p-value (below).
+Other metrics (F1, AUC, QWK, ...)
+    * **Paired permutation test** (approximate randomisation, :func:`swap_weights`,
+      :func:`permutation_p`): per test image the two modes' predictions are swapped with
+      probability 1/2; ``p = (k + 1) / (B + 1)`` with ``k`` the permutations whose |difference|
+      reaches the observed one.  Never 0.
+    * **Paired percentile bootstrap** interval of the difference (:func:`resample_weights`,
+      :func:`bootstrap_difference`): the same resamples of the test images for both modes; the
+      95% interval is the pair of order statistics ``j``-th smallest and ``j``-th largest with
+      ``j = #{k >= 0 : 2k/B < 0.05}`` (:func:`order_rank`).
 
-Paired tests (``mode - baseline`` on the same test images)
-    * **Paired bootstrap** for every headline metric (:func:`paired_difference`):
-      ``d* = m*(mode) - m*(baseline)`` on each shared resample, ``d`` on the full test set.
-      p-value by **percentile inversion**: ``p = min(1, 2 * min(#{d* <= 0}, #{d* >= 0}) / B)``
-      (resamples with no difference count on both sides, so identical modes give ``p = 1``;
-      differences within 1e-12 are floating-point noise and count as 0).  With the
-      order-statistic interval above, ``p < 0.05`` holds exactly when the 95% interval of the
-      difference excludes 0: ``#{d* <= 0} < j`` is the same statement as "the j-th smallest
-      ``d*`` is > 0" (and likewise above), and ``j`` is defined through the same floating-point
-      expression ``2k/B < 0.05`` as the comparison ``p < 0.05``.  So the verdict (decided on
-      ``p``) never contradicts the interval it quotes.  A p-value of 0 means no resample reached
-      0: the test's resolution is ``2/B``.
-    * **Exact McNemar** on top-1 correctness of the two ensembles (:func:`mcnemar`): ``b`` =
-      images the baseline gets right and the mode gets wrong, ``c`` = the reverse,
-      ``p = scipy.stats.binomtest(b, b + c, 0.5)`` (two-sided; 1 when ``b + c = 0``).
+Beyond the fitted probes
+    :func:`combined_interval` adds the between-refit variance of the difference (the probe
+    procedure rerun on bootstrap resamples of the training set) to the test-set variance:
+    ``d +- z sqrt(se_test^2 + sd_refit^2)`` (normal approximation).
 
-Why percentile inversion (measured calibration)
-    It was measured against the null-centred construction ``p = #{|d* - d| >= |d|} / B`` on
-    simulated test sets where the two modes are exchangeable (two probability matrices drawn
-    alike, with a shared component so the modes are correlated as real ones are, and swapped
-    between the modes on a random half of the rows: the true difference is 0 for every metric).
-    Share of p < 0.05 (nominal 0.05; Monte Carlo SE about 0.003-0.004):
-
-    =====================  ================  ================  =====================
-    metric                 N=200 C=5, ~57%   N=60 C=4, ~62%    N=200 C=5, ~88% top-1
-                           B=1000, 5000 sims B=1000, 4000 sims B=1000, 4000 sims
-                           pct. / centred    pct. / centred    pct. / centred
-    =====================  ================  ================  =====================
-    top1                   0.048 / 0.050     0.043 / 0.043     0.044 / 0.050
-    top3                   0.045 / 0.046     0.043 / 0.019     0.028 / 0.009
-    f1_macro               0.054 / 0.053     0.059 / 0.055     0.056 / 0.052
-    precision_macro        0.050 / 0.050     0.055 / 0.052     0.057 / 0.056
-    recall_macro           0.054 / 0.054     0.057 / 0.054     0.056 / 0.054
-    auc_macro              0.051 / 0.049     0.053 / 0.048     0.057 / 0.041
-    balanced_accuracy      0.054 / 0.054     0.057 / 0.054     0.056 / 0.054
-    qwk                    0.051 / 0.051     0.074 / 0.066     0.059 / 0.049
-    McNemar (exact)        0.039             0.027             0.033
-    =====================  ================  ================  =====================
-
-    Over these and four more settings (N = 500 with imbalanced classes; N = 100 with 8 classes;
-    N = 150 imbalanced with two independent seeds of one mode instead of swapped rows; B = 200),
-    56 metric x setting cells in all: percentile inversion 0.028-0.074, RMS error 0.0084;
-    null-centred 0.009-0.070, RMS error 0.0094.  The two agree within Monte Carlo error on the
-    smooth metrics; the null-centred test collapses on top-3 (a difference made of a few
-    discordant rows, a lattice on which ``|d* - d| >= |d|`` is rarely reached) while percentile
-    inversion is at worst mildly liberal at small N.  Percentile inversion is kept: smaller
-    overall error, no collapse, and it is exactly the test that the reported percentile interval
-    of the difference implies.  McNemar's exact test is conservative (0.027-0.041).
-    ``tests/evaluation/test_metrics_calibration.py`` re-measures the chosen construction through
-    :func:`common.evaluation.metrics.evaluate_modes` on every test run (fewer simulations, B = 200).
+Power
+    :func:`mde_mcnemar` is the smallest difference exact McNemar detects with 80% power at a
+    given discordance rate; :func:`mde_normal` the normal-approximation one, ``(z_{1-a/2} +
+    z_{0.8}) se``, for the other metrics.
 
 Multiplicity
-    These are per-comparison p-values: many comparisons across datasets and backbones call for a
-    multiplicity correction.  :func:`holm` is the Holm (1979) step-down adjustment, which controls
-    the family-wise error rate; the reports say which comparisons form a family.
+    :func:`holm` is the Holm (1979) step-down adjustment (family-wise error rate); the reports
+    say which comparisons form a family.
 """
 
 from __future__ import annotations
@@ -81,29 +46,54 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.optimize import brentq
+from scipy.stats import binom, binomtest, norm
 
 from common.errors import UserError
 
 ALPHA = 0.05  # the intervals are 95%; the verdicts and the Holm markers test at 5%
+POWER = 0.8   # the power a minimum detectable effect is stated at
 TIE_TOL = 1e-12  # |difference| at or below this is a tie (floating-point noise)
+
+
+def z_value(alpha: float = ALPHA) -> float:
+    """The two-sided normal quantile ``z_{1 - alpha/2}`` (1.95996... for 5%)."""
+    return float(norm.ppf(1.0 - alpha / 2.0))
+
+
+# --------------------------------------------------------------------------- resamples
+
+
+def _check_count(value, name: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f"{name}={value!r} must be an integer >= 1 ({what})")
 
 
 def resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
     """Bootstrap resamples as multiplicities ``W [B, N]`` (float64): ``W[b, i]`` = how often
-    test row ``i`` was drawn in resample ``b``.  Indices from ``numpy.random.default_rng(seed)``."""
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise UserError(f"n_boot={n_boot!r} must be an integer >= 1 (bootstrap resamples)")
+    test row ``i`` was drawn in resample ``b``.  Indices from ``numpy.random.default_rng(seed)``,
+    ``integers(0, N, size=(B, N))``."""
+    _check_count(n_boot, "n_boot", "bootstrap resamples")
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
     return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
 
 
-def order_rank(n: int, alpha: float = ALPHA) -> int:
-    """``j = #{k >= 0 : 2k/n < alpha}``: the interval's order statistic (1-based) for ``n`` values.
+def swap_weights(n: int, n_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The permutations of the paired permutation test as weights over the stacked rows
+    ``[mode rows; baseline rows]`` (``2N``): ``(W_mode [P, 2N], W_base [P, 2N])``.
 
-    Written with the same floating-point expression as :func:`bootstrap_p`'s ``2k/n`` so that
-    ``p < alpha`` and "the interval excludes 0" are one statement (module docstring)."""
+    In permutation ``b`` test image ``i`` is swapped with probability 1/2 (draws from
+    ``numpy.random.default_rng([seed, 1])``, a stream apart from the bootstrap's): the permuted
+    mode takes the baseline's row of a swapped image and the permuted baseline the mode's."""
+    _check_count(n_perm, "n_perm", "permutations")
+    swap = np.random.default_rng([seed, 1]).random((n_perm, n)) < 0.5
+    keep = ~swap
+    return (np.hstack([keep, swap]).astype(np.float64), np.hstack([swap, keep]).astype(np.float64))
+
+
+def order_rank(n: int, alpha: float = ALPHA) -> int:
+    """``j = #{k >= 0 : 2k/n < alpha}``: the interval's order statistic (1-based) for ``n`` values."""
     k = np.arange(n + 1)
     return int(min(n, max(1, np.count_nonzero(2.0 * k / n < alpha))))
 
@@ -118,16 +108,6 @@ def percentile_interval(values: np.ndarray) -> tuple[float, float]:
     return float(v[j - 1]), float(v[v.size - j])
 
 
-def bootstrap_p(diffs: np.ndarray) -> float:
-    """Two-sided paired-bootstrap p-value by percentile inversion over the finite ``diffs [B]``
-    (already tie-rounded): ``min(1, 2 min(#{d* <= 0}, #{d* >= 0}) / B)``; NaN when none."""
-    d = diffs[np.isfinite(diffs)]
-    if d.size == 0:
-        return math.nan
-    k = min(int(np.count_nonzero(d <= 0)), int(np.count_nonzero(d >= 0)))
-    return float(min(1.0, 2.0 * k / d.size))
-
-
 def untie(x: np.ndarray) -> np.ndarray:
     """Differences within :data:`TIE_TOL` of 0 set to exactly 0 (equal metrics summed in another
     order differ by ~1e-16 and must count as ties, not as an arbitrary side)."""
@@ -136,28 +116,179 @@ def untie(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def paired_difference(mode_values: np.ndarray, base_values: np.ndarray) -> tuple[float, float, float, float]:
-    """``(d, lo, hi, p)`` of ``mode - baseline`` for one metric.
+def sample_sd(values) -> float:
+    """Sample standard deviation (ddof 1) of the finite ``values``; exactly 0 when they agree to
+    within :data:`TIE_TOL` (no float noise such as 1e-16), NaN for fewer than two values."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return math.nan
+    if np.ptp(v) <= TIE_TOL:
+        return 0.0
+    return float(np.std(v, ddof=1))
+
+
+def bootstrap_difference(mode_values: np.ndarray, base_values: np.ndarray) -> tuple[float, float, float, float]:
+    """``(d, lo, hi, se)`` of ``mode - baseline`` for one metric.
 
     ``mode_values`` and ``base_values`` are ``[1 + B]``: row 0 the metric on the full test set,
     rows 1.. on the shared resamples.  ``d`` is the full-set difference, ``(lo, hi)`` the 95%
-    percentile interval of the resampled differences and ``p`` the paired-bootstrap p-value
-    (percentile inversion).  When ``d`` is undefined (NaN), so are the interval and ``p``:
-    nothing to test."""
+    percentile interval and ``se`` the standard deviation of the resampled differences.  A
+    resample where either side is undefined is skipped; when ``d`` is undefined, so is the rest."""
     d = untie(np.asarray(mode_values, dtype=np.float64) - np.asarray(base_values, dtype=np.float64))
     if math.isnan(d[0]):
-        return math.nan, math.nan, math.nan, math.nan
+        return (math.nan,) * 4
     lo, hi = percentile_interval(d[1:])
-    return float(d[0]), lo, hi, bootstrap_p(d[1:])
+    se = sample_sd(d[1:])
+    return float(d[0]), lo, hi, se
 
 
-def mcnemar(correct_base: np.ndarray, correct_mode: np.ndarray) -> tuple[int, int, float]:
-    """Exact McNemar on paired correctness ``[N]`` bools: ``(b, c, p)`` with ``b`` = baseline
-    right and mode wrong, ``c`` = the reverse, ``p`` two-sided binomial (1 when ``b + c = 0``)."""
-    b = int(np.count_nonzero(correct_base & ~correct_mode))
-    c = int(np.count_nonzero(~correct_base & correct_mode))
-    p = float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue) if b + c else 1.0
-    return b, c, p
+def permutation_p(observed: float, permuted: np.ndarray) -> float:
+    """Two-sided paired-permutation p-value: ``(k + 1) / (B + 1)`` with ``k`` the finite permuted
+    differences (tie-rounded) whose magnitude reaches ``|observed|`` (within :data:`TIE_TOL`).
+    Never 0; 1 when the observed difference is 0; NaN when nothing is defined."""
+    d = np.asarray(permuted, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if not math.isfinite(observed) or d.size == 0:
+        return math.nan
+    k = int(np.count_nonzero(np.abs(d) >= abs(observed) - TIE_TOL))
+    return (k + 1) / (d.size + 1)
+
+
+# --------------------------------------------------------------------------- proportions
+
+
+def discordant(hit_base: np.ndarray, hit_mode: np.ndarray) -> tuple[int, int]:
+    """``(better, worse)`` of paired correctness ``[N]`` bools: images only the mode gets right,
+    images only the baseline gets right."""
+    hit_base, hit_mode = np.asarray(hit_base, bool), np.asarray(hit_mode, bool)
+    return int(np.count_nonzero(hit_mode & ~hit_base)), int(np.count_nonzero(hit_base & ~hit_mode))
+
+
+def mcnemar_p(better: int, worse: int) -> float:
+    """Exact McNemar: the two-sided binomial test of ``better`` in ``better + worse`` at 1/2
+    (1 when there is no discordant pair)."""
+    total = int(better) + int(worse)
+    return float(binomtest(int(better), total, 0.5, alternative="two-sided").pvalue) if total else 1.0
+
+
+def wilson_interval(successes: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """Wilson's score interval of a proportion ``successes / n`` (NaN for ``n = 0``)."""
+    if n <= 0:
+        return math.nan, math.nan
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=1.0 - alpha, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _tango_score(delta: float, better: int, worse: int, n: int) -> float:
+    """Tango's score statistic at ``delta`` (= p_better - p_worse): ``(better - worse - N delta) /
+    sqrt(N (2 q + delta (1 - delta)))`` with ``q`` the restricted maximum-likelihood probability
+    of a "worse" pair given ``delta`` (the root of Tango's quadratic)."""
+    a = 2.0 * n
+    b = -better - worse + (2.0 * n - better + worse) * delta
+    c = -worse * delta * (1.0 - delta)
+    q = (math.sqrt(max(b * b - 4.0 * a * c, 0.0)) - b) / (2.0 * a)
+    variance = max(n * (2.0 * q + delta * (1.0 - delta)), 1e-300)
+    return (better - worse - n * delta) / math.sqrt(variance)
+
+
+def tango_interval(better: int, worse: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """Tango's (1998) score interval of the paired difference of proportions ``(better - worse) /
+    n``: every ``delta`` in [-1, 1] whose score statistic lies within ``+-z_{1-alpha/2}``.  The
+    statistic falls as ``delta`` rises, so each end is one root (Brent's method)."""
+    if n <= 0:
+        return math.nan, math.nan
+    better, worse, n = int(better), int(worse), int(n)
+    z = z_value(alpha)
+    estimate = (better - worse) / n
+    edge = 1e-12
+
+    def root(target: float, lo: float, hi: float) -> float:
+        return float(brentq(lambda d: _tango_score(d, better, worse, n) - target, lo, hi, xtol=1e-12))
+
+    low_end, high_end = -1.0 + edge, 1.0 - edge
+    lower = -1.0 if estimate <= low_end or _tango_score(low_end, better, worse, n) <= z else \
+        root(z, low_end, estimate)
+    upper = 1.0 if estimate >= high_end or _tango_score(high_end, better, worse, n) >= -z else \
+        root(-z, estimate, high_end)
+    return lower, upper
+
+
+# --------------------------------------------------------------------------- power
+
+
+def _rejection_bounds(n: int, alpha: float) -> np.ndarray:
+    """Per number of discordant pairs ``D = 0..n``: the largest ``k`` with ``2 P(X <= k) < alpha``
+    for ``X ~ Bin(D, 1/2)`` (exact McNemar rejects when the smaller side is at most ``k``);
+    -1 where nothing rejects.  ``ppf(alpha/2)`` is the smallest ``k`` with ``P(X <= k) >=
+    alpha/2``, so the bound is one below it."""
+    return binom.ppf(alpha / 2.0, np.arange(n + 1), 0.5).astype(np.int64) - 1
+
+
+def _mcnemar_power(n: int, discordance: float, delta: float, bounds: np.ndarray) -> float:
+    """Power of exact McNemar with ``n`` pairs, each discordant with probability
+    ``max(discordance, delta)``, of which a share ``(1 + delta / that) / 2`` favour the mode:
+    each discordant count's rejection region (``bounds``, :func:`_rejection_bounds`) weighted
+    by its probability."""
+    psi = max(discordance, delta)
+    if psi <= 0:
+        return 0.0
+    counts = np.arange(n + 1)
+    favour = min(1.0, (1.0 + delta / psi) / 2.0)
+    reject = np.where(bounds >= 0, binom.cdf(bounds, counts, favour)
+                      + binom.sf(counts - bounds - 1, counts, favour), 0.0)
+    return float(np.sum(binom.pmf(counts, n, psi) * reject))
+
+
+def mde_mcnemar(n: int, discordance: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest paired difference of proportions that exact McNemar at ``alpha`` detects with
+    probability ``power`` in ``n`` pairs at the discordance rate ``discordance`` (a difference
+    larger than the rate raises the rate to the difference: every discordant pair favours the
+    mode).  NaN when even a difference of 1 is not detected (fewer than 6 pairs)."""
+    if n <= 0:
+        return math.nan
+    bounds = _rejection_bounds(int(n), alpha)
+    if _mcnemar_power(n, discordance, 1.0, bounds) < power:
+        return math.nan
+    lo, hi = 0.0, 1.0
+    while hi - lo > 1e-5:
+        mid = (lo + hi) / 2.0
+        if _mcnemar_power(n, discordance, mid, bounds) >= power:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def mde_normal(se: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Normal-approximation minimum detectable effect ``(z_{1-alpha/2} + z_power) se``."""
+    return float((z_value(alpha) + norm.ppf(power)) * se) if math.isfinite(se) else math.nan
+
+
+# --------------------------------------------------------------------------- refits
+
+
+def combined_interval(d: float, se_test: float, refit_diffs, alpha: float = ALPHA) -> dict[str, float]:
+    """The difference over probe refits and the combined interval.
+
+    ``refit_diffs [R]``: the difference from each refit of the probe procedure on a bootstrap
+    resample of the training set.  Returns ``mean``, ``sd`` (ddof 1) and ``share_better`` (share
+    of refits with a positive difference) of them, and ``lo``/``hi``: ``d +- z sqrt(se_test^2 +
+    sd^2)``, the test-set variance plus the between-refit variance (normal approximation)."""
+    r = np.asarray(refit_diffs, dtype=np.float64)
+    r = untie(r[np.isfinite(r)])
+    nan = {"mean": math.nan, "sd": math.nan, "share_better": math.nan, "lo": math.nan, "hi": math.nan}
+    if r.size == 0:
+        return nan
+    sd = sample_sd(r) if r.size > 1 else 0.0
+    out = {"mean": float(r.mean()), "sd": sd, "share_better": float(np.mean(r > 0))}
+    if not (math.isfinite(d) and math.isfinite(se_test)):
+        return {**out, "lo": math.nan, "hi": math.nan}
+    half = z_value(alpha) * math.sqrt(se_test ** 2 + sd ** 2)
+    return {**out, "lo": d - half, "hi": d + half}
+
+
+# --------------------------------------------------------------------------- multiplicity
 
 
 def holm(p_values) -> np.ndarray:

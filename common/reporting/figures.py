@@ -44,7 +44,8 @@ def forest_plot(table: pd.DataFrame, metrics: list[str], title: str, groups: dic
     entries keep their first-appearance order, first on top), ``group`` (a key of
     :data:`COLOURS`: the marker's colour), ``metric``, ``diff``, ``diff_lo``, ``diff_hi`` (the
     difference and its 95% interval) and ``p_holm``.  A marker is filled where ``p_holm <
-    ALPHA``, open otherwise; an entry without the metric says "not reported".  ``groups`` names
+    ALPHA``, open otherwise (also where ``p_holm`` is missing: outside the Holm family); an entry
+    without the metric says "not reported".  ``groups`` names
     each group in the legend (given when there is more than one)."""
     entries = list(dict.fromkeys(table["entry"]))
     metrics = [m for m in metrics if m in set(table["metric"])] or metrics[:1]
@@ -94,7 +95,7 @@ def forest_plot(table: pd.DataFrame, metrics: list[str], title: str, groups: dic
     handles = handles if len(handles) > 1 else []
     handles += [Line2D([], [], marker="o", ls="", color="0.3", label=f"filled: Holm-adjusted p < {ALPHA:g}"),
                 Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor="0.3",
-                       label=f"open: Holm-adjusted p ≥ {ALPHA:g}")]
+                       label=f"open: Holm-adjusted p ≥ {ALPHA:g}, or outside the Holm family")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.4 / fig.get_figheight(), 1, 1))

@@ -5,10 +5,13 @@ One rule each, so the same p-value reads the same everywhere:
 
 * a missing value (None, NaN) is ``n/a``;
 * a metric, a rate or a score: 3 decimals (``0.812``); a difference: signed (``+0.031``);
-* an interval: ``[lo, hi]``; an estimate: ``value [lo, hi]`` (and ``sd x`` for the seed spread);
-* a p-value: 3 decimals, below 0.001 ``< 0.001``, and never a bare 0: a paired-bootstrap
-  p-value of 0 means that no resample of the difference reached 0, so it is written
-  ``< 2/B`` (B resamples, the test's resolution; see :mod:`common.evaluation.stats`);
+* an interval: ``[lo, hi]``; an estimate: ``value [lo, hi]`` and, for the spread over probe
+  seeds, ``sd x`` (:func:`spread`): an exact 0 is written ``sd 0`` (the seeds agree), a spread
+  that is not 0 but rounds to it ``sd < 0.001``, and nothing with one seed (no spread exists);
+  float noise never reaches here (the SD of values equal within 1e-12 is stored as exactly 0);
+* a p-value: 3 decimals, below 0.001 ``< 0.001``, never a bare 0 (no test of
+  :mod:`common.evaluation.stats` gives 0: McNemar's is exact, a permutation p is at least
+  1/(B + 1));
 * a share as a percentage with 1 decimal (``12.5%``); a share that is not 0 but rounds to 0 is
   ``< 0.1%``, never ``0.0%``;
 * a metric by its label (:data:`common.evaluation.metrics.METRIC_LABELS`), in that table's order.
@@ -22,10 +25,6 @@ from common.evaluation.metrics import METRIC_LABELS
 
 MISSING = "n/a"
 P_FLOOR = 0.001        # p-values below this are written "< 0.001"
-P_ZERO = "< 2/B"       # a bootstrap p-value of 0 (no resample reached 0; resolution 2/B)
-# said under every table that shows bootstrap p-values
-P_ZERO_NOTE = ("A bootstrap p written < 2/B means that no resample of the difference reached 0 (the test's "
-               "resolution with B resamples is 2/B); a Holm-adjusted p written so is below m·2/B for a family of m.")
 
 
 def is_missing(value) -> bool:
@@ -54,27 +53,36 @@ def interval(lo, hi, *, sign: bool = False, digits: int = 3) -> str:
     return f"[{write(lo, digits)}, {write(hi, digits)}]"
 
 
+def spread(sd, digits: int = 3) -> str:
+    """A standard deviation over probe seeds: ``sd 0.012``; ``sd 0`` for an exact 0; ``sd < 0.001``
+    for one that is not 0 but rounds to 0; ``""`` when missing (one seed: no spread)."""
+    if is_missing(sd):
+        return ""
+    if float(sd) == 0:
+        return "sd 0"
+    smallest = 10.0 ** -digits
+    return f"sd < {smallest:g}" if float(sd) < smallest / 2 else f"sd {number(sd, digits)}"
+
+
 def estimate(value, lo, hi, *, sd=None, sign: bool = False, digits: int = 3) -> str:
-    """``value [lo, hi]``, then `` sd x`` when ``sd`` is given and not missing; ``n/a`` when the
-    value is missing."""
+    """``value [lo, hi]``, then the seed spread (:func:`spread`) when ``sd`` is given and not
+    missing; ``n/a`` when the value is missing."""
     if is_missing(value):
         return MISSING
     write = signed if sign else number
     text = f"{write(value, digits)} {interval(lo, hi, sign=sign, digits=digits)}"
-    return text if is_missing(sd) else f"{text} sd {number(sd, digits)}"
+    return text if is_missing(sd) else f"{text} {spread(sd, digits)}"
 
 
 def p_value(p) -> str:
-    """A p-value: ``0.012``; ``< 0.001``; ``< 2/B`` for 0; ``n/a``."""
+    """A p-value: ``0.012``; ``< 0.001``; ``n/a``."""
     if is_missing(p):
         return MISSING
-    if p == 0:
-        return P_ZERO
     return f"< {P_FLOOR:g}" if p < P_FLOOR else f"{float(p):.3f}"
 
 
 def p_text(p) -> str:
-    """A p-value in a sentence: ``p = 0.012``, ``p < 0.001``, ``p < 2/B``, ``p = n/a``."""
+    """A p-value in a sentence: ``p = 0.012``, ``p < 0.001``, ``p = n/a``."""
     text = p_value(p)
     return f"p {text}" if text.startswith("<") else f"p = {text}"
 

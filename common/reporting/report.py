@@ -1,31 +1,32 @@
 """One table over many runs: ``python -m common.report RUN_DIR... --out DIR``.
 
-Reads each run's ``config.json``, ``metrics.csv`` (docs/run.md columns, :func:`common.evaluation.metrics.evaluate_modes`)
-and, when present, ``outliers.csv``, and writes
+Reads each run's ``config.json``, ``metrics.csv`` (docs/run.md columns,
+:func:`common.evaluation.compare.evaluate_modes`) and, when present, ``outliers.csv``, and writes
 
-* ``DIR/report.csv``: one row per (run, mode) with dataset, backbone, mode, every metric of the
-  mode's seed ensemble with its 95% interval and seed spread (``m``, ``m_lo``, ``m_hi``,
-  ``m_seed_sd``), ``auc_classes``; the paired comparison with the baseline as the run recorded
-  it (``m_diff``, ``m_diff_lo``, ``m_diff_hi``, ``p_m`` per metric; ``p_mcnemar_top1``,
-  ``mcnemar_b``, ``mcnemar_c``) and, on the ttr rows, each p-value Holm-adjusted across the runs
-  (``p_m_holm``, ``p_mcnemar_top1_holm``); the outlier statistics;
-* ``DIR/report.md``: the metrics per run and mode; the ttr - no-ttr difference per run and
-  metric with its interval, p-value and Holm-adjusted p-value; McNemar per run; the outlier
+* ``DIR/report.csv``: one row per (run, mode) with dataset, backbone, mode, the run's primary
+  metric, every metric of the mode's seed ensemble with its 95% interval and seed spread (``m``,
+  ``m_lo``, ``m_hi``, ``m_seed_sd``), ``auc_classes``; the paired comparison with the baseline as
+  the run recorded it (``changed_predictions``, ``refits``; per metric ``m_diff``, ``m_diff_lo``,
+  ``m_diff_hi``, ``p_m``, the discordant counts of top-1 and manufacturer top-1 and the combined
+  refit interval ``m_diff_lo_refit``, ``m_diff_hi_refit``); on the ttr rows ``p_primary`` (the
+  primary metric's test), ``p_primary_holm`` and ``verdict``; the outlier statistics;
+* ``DIR/report.md``: the metrics per run and mode; the answer per run on its primary metric with
+  the Holm-adjusted p and the verdict; every metric's difference (exploratory); the outlier
   statistics;
-* ``DIR/report.png``: the ttr - no-ttr differences with their 95% paired-bootstrap intervals,
-  one panel per metric, one line per run (filled marker: Holm-adjusted p < 0.05).
+* ``DIR/report.png``: the ttr - no-ttr differences with their 95% intervals, one panel per
+  metric, one line per run (filled marker: the run's primary metric with Holm-adjusted p < 0.05).
 
-Multiplicity: each run's p-values test its own ttr-vs-no-ttr hypothesis; over many runs some
-fall below 0.05 by chance.  The Holm (1979) step-down adjustment controls the family-wise error
-rate; the **family is the runs given, separately for each test** (the paired bootstrap of each
-metric is one family, McNemar on top-1 another): with the family's m p-values sorted
-ascending, ``p_holm_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.  A run without that p-value
-(NaN, e.g. no QWK on a non-APTOS run) is left out of that family.
+Multiplicity: the Holm (1979) step-down adjustment (family-wise error rate) runs over the
+**primary tests of the runs given**, one per run (``p_<primary>`` of its ttr row): with the
+family's m p-values sorted ascending, ``p_holm_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.
+The other metrics are exploratory and unadjusted.  A run written by an older statistics schema
+is recomputed from its predictions files (:mod:`common.reporting.recompute`), so one report
+never mixes methods.
 
 Rows other than ``no-ttr`` and ``ttr`` (``no-ttr (course probe)``, ``ttr (course probe)``,
 ``no-ttr-removed``, ...) are **listed**, after the run's no-ttr and ttr rows, in report.csv and
 the metrics table, with whatever comparison their run recorded; they are outside the Holm
-families and the difference tables, which hold the one ttr-vs-no-ttr question per run.
+family and the difference tables, which hold the one ttr-vs-no-ttr question per run.
 
 Exit codes: 0 done; 2 a RUN_DIR that is not a finished run (one line naming it).
 """
@@ -42,14 +43,17 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import UserError, run_entry
+from common.evaluation.compare import SCHEMA_VERSION, decide
+from common.evaluation.metrics import PROPORTIONS
 from common.evaluation.stats import ALPHA, holm
 from common.io import write_csv, write_text
 from common.registers.modes import BASELINE, MODES, TTR
 from common.reporting.figures import forest_plot, save_png
+from common.reporting.recompute import primary_of, recompute, schema_of
 from common.reporting.format import (
-    P_ZERO_NOTE,
     estimate,
     in_report_order,
+    interval,
     markdown_table,
     metric_label,
     number,
@@ -59,7 +63,6 @@ from common.reporting.format import (
 
 log = logging.getLogger(__name__)
 
-MCNEMAR = "p_mcnemar_top1"
 OUTLIER_STATS = ("patch_share_above_threshold", "mean_max_patch_norm", "register_norm",
                  "cls_attention_entropy", "cls_attention_on_register")
 
@@ -98,16 +101,17 @@ def read_run(folder: str | Path) -> dict:
     if metrics["mode"].duplicated().any():
         raise UserError(f"{folder / 'metrics.csv'}: mode {metrics['mode'][metrics['mode'].duplicated()].iloc[0]!r} "
                         "appears twice; one row per mode")
-    if "top1_diff" not in metrics.columns:
-        log.warning("%s has no paired differences (written before they existed); its differences and "
-                    "p-values are left empty", folder / "metrics.csv")
+    metrics = metrics.set_index("mode")
+    recomputed = schema_of(metrics) < SCHEMA_VERSION
+    if recomputed:   # one method per report: an older run's statistics again, from its predictions
+        metrics = recompute(folder, info, metrics)
     outliers = None
     if (folder / "outliers.csv").is_file():
         try:
             outliers = pd.read_csv(folder / "outliers.csv")
         except (OSError, ValueError) as error:
             raise UserError(f"{folder / 'outliers.csv'}: cannot be read ({error})") from None
-    return {"folder": folder, "info": info, "metrics": metrics.set_index("mode"),
+    return {"folder": folder, "info": info, "metrics": metrics, "recomputed": recomputed,
             "outliers": outliers.set_index("mode") if outliers is not None and "mode" in outliers else None}
 
 
@@ -140,33 +144,42 @@ def _value(metrics: pd.DataFrame, mode: str, column: str) -> float:
     return math.nan if value is None or pd.isna(value) else float(value)
 
 
+def paired_columns(metric: str) -> list[str]:
+    """The comparison columns of one metric the report keeps (docs/statistics.md)."""
+    counts = [f"{metric}_discordant_ttr_better", f"{metric}_discordant_ttr_worse"] if metric in PROPORTIONS else []
+    return [f"{metric}_diff", f"{metric}_diff_lo", f"{metric}_diff_hi", f"p_{metric}", *counts,
+            f"{metric}_diff_lo_refit", f"{metric}_diff_hi_refit"]
+
+
 def build_table(runs: list[dict]) -> pd.DataFrame:
-    """The report table: one row per (run, mode); Holm columns over the runs' ttr rows."""
+    """The report table: one row per (run, mode); on the ttr rows the primary metric's p-value
+    Holm-adjusted over the runs (the family: one primary test per run) and the verdict."""
     labels = _run_labels([r["folder"] for r in runs])
     names = _metric_names(runs)
     per_mode = [f"{m}{s}" for m in names for s in ("", "_lo", "_hi", "_seed_sd")] + ["auc_classes"]
-    paired = [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}")]
-    paired += [MCNEMAR, "mcnemar_b", "mcnemar_c"]
+    paired = ["changed_predictions", "refits"] + [c for m in names for c in paired_columns(m)]
     rows = []
     for label, run in zip(labels, runs):
         info, metrics, outliers = run["info"], run["metrics"], run["outliers"]
+        primary = primary_of(info)
         for mode in _modes_in_order(metrics):
             row: dict = {"run": label, "dataset": info.get("dataset", "?"), "backbone": _backbone_label(info),
-                         "demo": bool(info.get("demo", False)), "mode": mode}
+                         "demo": bool(info.get("demo", False)), "mode": mode, "primary_metric": primary,
+                         "recomputed": bool(run.get("recomputed", False))}
             row.update({column: _value(metrics, mode, column) for column in per_mode + paired})
+            row["p_primary"] = _value(metrics, mode, f"p_{primary}") if mode == TTR else math.nan
             for key in OUTLIER_STATS:
                 row[key] = (_value(outliers, mode, key)
                             if outliers is not None and mode in outliers.index else math.nan)
             rows.append(row)
     table = pd.DataFrame(rows)
     ttr = table["mode"] == TTR
-    tests = [f"p_{m}" for m in names] + [MCNEMAR]
-    for key in tests:
-        table[f"{key}_holm"] = math.nan
-        table.loc[ttr, f"{key}_holm"] = holm(table.loc[ttr, key].to_numpy())
-    ordered = (["run", "dataset", "backbone", "demo", "mode"] + per_mode
-               + [c for m in names for c in (f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi", f"p_{m}", f"p_{m}_holm")]
-               + [MCNEMAR, f"{MCNEMAR}_holm", "mcnemar_b", "mcnemar_c"] + list(OUTLIER_STATS))
+    table["p_primary_holm"] = math.nan
+    table.loc[ttr, "p_primary_holm"] = holm(table.loc[ttr, "p_primary"].to_numpy())
+    table["verdict"] = [decide(row, row["primary_metric"], p=row["p_primary_holm"]) if row["mode"] == TTR else ""
+                        for _, row in table.iterrows()]
+    ordered = (["run", "dataset", "backbone", "demo", "mode", "primary_metric", "recomputed"] + per_mode + paired
+               + ["p_primary", "p_primary_holm", "verdict"] + list(OUTLIER_STATS))
     return table[ordered]
 
 
@@ -202,28 +215,34 @@ def markdown(table: pd.DataFrame) -> str:
                   + ", ".join(f"`{mode}`" for mode in others) + "."]
 
     ttr = table[table["mode"] == TTR]
-    lines += ["", f"## {TTR} minus {BASELINE} per run (paired on the same test images)", "",
-              "Difference of the ensembles' metric with its 95% paired-bootstrap interval (the same resamples "
-              "for both modes), the two-sided paired-bootstrap p-value, and that p-value Holm-adjusted across "
-              f"the {runs} run(s).", ""]
+    family = int(ttr["p_primary"].notna().sum())
+    lines += ["", f"## The answer per run: {TTR} minus {BASELINE} on each run's primary metric", "",
+              "The difference of the seed ensembles on the same test images with its 95% interval (Tango's score "
+              "interval for top-1 and manufacturer top-1, the paired percentile bootstrap otherwise; conditional on "
+              "the fitted probes), the test (exact McNemar for top-1 and manufacturer top-1, a paired permutation "
+              "test otherwise), its Holm-adjusted p over the runs and, with probe refits, the combined interval "
+              "(test set + probe retraining). The verdict needs the Holm-adjusted p below "
+              f"{ALPHA:g} and, with refits, a combined interval that excludes 0.", ""]
     lines += markdown_table(
-        ["run", "dataset", "backbone", "metric", "difference [95% CI]", "p", "p Holm"],
-        [[row["run"], row["dataset"], row["backbone"], metric_label(m),
-          estimate(row[f"{m}_diff"], row[f"{m}_diff_lo"], row[f"{m}_diff_hi"], sign=True),
-          p_value(row[f"p_{m}"]), p_value(row[f"p_{m}_holm"])]
+        ["run", "dataset", "backbone", "primary metric", "difference [95% CI]", "p", "p Holm",
+         "combined 95% CI (refits)", "verdict"],
+        [[row["run"], row["dataset"], row["backbone"], metric_label(row["primary_metric"]),
+          _difference(row, row["primary_metric"]), p_value(row["p_primary"]), p_value(row["p_primary_holm"]),
+          interval(row.get(f"{row['primary_metric']}_diff_lo_refit"),
+                   row.get(f"{row['primary_metric']}_diff_hi_refit"), sign=True)
+          if row.get("refits", 0) > 0 else "no refits", row["verdict"]] for _, row in ttr.iterrows()])
+    lines += ["", f"**Multiplicity.** Holm's step-down adjustment (family-wise error rate) over the {family} "
+              "primary tests (one per run); every other metric below is exploratory and unadjusted."]
+    recomputed = sorted(set(table.loc[table["recomputed"], "run"]))
+    if recomputed:
+        lines += ["", f"Written by an older version and recomputed here from their predictions files (one method in "
+                  f"this report; no probe refits, seed spread as recorded): {', '.join(recomputed)}."]
+    lines += ["", f"## Every metric, {TTR} minus {BASELINE} (exploratory, unadjusted)", ""]
+    lines += markdown_table(
+        ["run", "metric", "difference [95% CI]", "p", "test"],
+        [[row["run"], metric_label(m), _difference(row, m), p_value(row[f"p_{m}"]),
+          "exact McNemar" if m in PROPORTIONS else "permutation"]
          for _, row in ttr.iterrows() for m in names if pd.notna(row[f"{m}_diff"])])
-    lines += ["", "## Exact McNemar test on top-1 correctness", ""]
-    lines += markdown_table(
-        ["run", "dataset", "backbone", f"only {TTR} right", f"only {BASELINE} right", "p", "p Holm"],
-        [[row["run"], row["dataset"], row["backbone"], number(row["mcnemar_c"], 0), number(row["mcnemar_b"], 0),
-          p_value(row[MCNEMAR]), p_value(row[MCNEMAR + "_holm"])] for _, row in ttr.iterrows()])
-    lines += ["",
-              f"**Multiplicity.** Each p-value tests one run's {TTR}-vs-{BASELINE} hypothesis; with {runs} run(s) and "
-              f"up to {len(names) + 1} tests per run, some p-values fall below {ALPHA:g} by chance. \"p Holm\" is the "
-              "Holm step-down adjustment, which controls the family-wise error rate; the family is all runs given "
-              "here, separately for each test (the paired bootstrap of each metric is one family, McNemar another). "
-              "A run without that p-value is left out of the family. Read a difference as established across runs "
-              f"only where its Holm-adjusted p is below {ALPHA:g}. {P_ZERO_NOTE}"]
 
     if table[list(OUTLIER_STATS)].notna().any().any():
         lines += ["", "## Outlier tokens (outliers.csv)", ""]
@@ -236,6 +255,15 @@ def markdown(table: pd.DataFrame) -> str:
              for _, row in table[table[list(OUTLIER_STATS)].notna().any(axis=1)].iterrows()])
     lines += ["", f"![{TTR} minus {BASELINE} per run and metric, 95% paired-bootstrap intervals](report.png)", ""]
     return "\n".join(lines)
+
+
+def _difference(row, metric: str) -> str:
+    """``+0.031 [+0.008, +0.054]``, with the discordant counts of a proportion."""
+    text = estimate(row[f"{metric}_diff"], row[f"{metric}_diff_lo"], row[f"{metric}_diff_hi"], sign=True)
+    if metric in PROPORTIONS and pd.notna(row.get(f"{metric}_discordant_ttr_better")):
+        text += (f" ({TTR} right where {BASELINE} wrong: {int(row[f'{metric}_discordant_ttr_better'])}, the reverse: "
+                 f"{int(row[f'{metric}_discordant_ttr_worse'])})")
+    return text
 
 
 def _run_axis_labels(ttr: pd.DataFrame) -> list[str]:
@@ -254,12 +282,12 @@ def figure(table: pd.DataFrame):
     labels = _run_axis_labels(ttr)
     differences = pd.DataFrame([{"entry": label, "group": "probe", "metric": m, "diff": row[f"{m}_diff"],
                                  "diff_lo": row[f"{m}_diff_lo"], "diff_hi": row[f"{m}_diff_hi"],
-                                 "p_holm": row[f"p_{m}_holm"]}
+                                 "p_holm": row["p_primary_holm"] if m == row["primary_metric"] else math.nan}
                                 for label, (_, row) in zip(labels, ttr.iterrows()) for m in names])
     return forest_plot(differences, names,
-                       f"{TTR} minus {BASELINE} per run: difference of the seed ensembles with its 95% paired-"
-                       f"bootstrap interval\n(filled: Holm-adjusted p < {ALPHA:g} across the {len(ttr)} run(s), "
-                       "each metric separately)")
+                       f"{TTR} minus {BASELINE} per run: difference of the seed ensembles with its 95% interval "
+                       f"(conditional on the fitted probes)\n(filled: the run's primary metric with Holm-adjusted "
+                       f"p < {ALPHA:g} over the {len(ttr)} run(s); other metrics exploratory)")
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:

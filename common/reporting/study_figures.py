@@ -28,12 +28,14 @@ def slug(text: str) -> str:
 
 def forest_figure(paper: pd.DataFrame):
     """The paper table's headline metrics (:data:`FOREST_METRICS`) as a forest plot: per (cell,
-    comparison) the ttr - no-ttr difference with its 95% interval, filled where Holm-adjusted p < 0.05."""
+    comparison) the ttr - no-ttr difference with its 95% interval, filled for the primary metric of
+    a main cell with Holm-adjusted p < 0.05 (every other entry is exploratory: open)."""
     differences = paper.assign(entry=[entry_label(c, k) for c, k in zip(paper["cell"], paper["comparison"])],
                                group=paper["comparison"])
     return forest_plot(differences, list(FOREST_METRICS),
-                       f"{TTR} minus {BASELINE} per cell: difference of the seed ensembles with its 95% "
-                       "paired-bootstrap interval", groups={"probe": "linear probe", "zero-shot": "CLIP zero-shot"})
+                       f"{TTR} minus {BASELINE} per cell: difference of the seed ensembles with its 95% interval "
+                       "(conditional on the fitted probes)\nfilled: primary metric of a main cell, Holm-adjusted "
+                       "p < 0.05; open: not significant or exploratory", groups={"probe": "linear probe", "zero-shot": "CLIP zero-shot"})
 
 
 def per_class_figure(table: pd.DataFrame, dataset: str):

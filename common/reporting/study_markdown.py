@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 
 from common.evaluation.calibration import ECE_BINS
+from common.evaluation.compare import BETTER, NO_DIFFERENCE, NOT_ROBUST, UNTESTABLE, WORSE
 from common.evaluation.stats import ALPHA
 from common.reporting.format import (
     MISSING,
-    P_ZERO_NOTE,
     estimate,
+    interval,
     in_report_order,
     is_missing,
     markdown_table,
@@ -25,7 +26,7 @@ from common.reporting.format import (
 )
 from common.reporting.study_figures import TOP_PER_LAYER
 from common.reporting.study_read import COMPARISONS, CellRun, Ranking, entry_label, to_float
-from common.reporting.study_tables import PAPER_LABEL, calibration_pairs, paper_set
+from common.reporting.study_tables import CONFIRMATORY, PAPER_LABEL, calibration_pairs, paper_set
 
 
 def _entries(table: pd.DataFrame) -> list[tuple[str, str]]:
@@ -63,7 +64,7 @@ def _header(study: dict, paper: pd.DataFrame, runs: list[CellRun]) -> list[str]:
                 f"failed"
               + (f", {counts['pending'] + counts['interrupted']} not run" if counts['pending'] + counts['interrupted']
                  else "")
-              + f"), {len(study['skipped'])} combinations not run (section 8)."
+              + f"), {len(study['skipped'])} combinations not run (section 9)."
               + (f" This invocation took {number(study['wall_seconds'], 0)} s" if study.get("wall_seconds") else "")
               + (f"; the finished cells' runs took {number(run_seconds, 0)} s in all (their config.json)."
                  if run_seconds else "."),
@@ -72,32 +73,49 @@ def _header(study: dict, paper: pd.DataFrame, runs: list[CellRun]) -> list[str]:
     if failed:
         lines += ["**Failed cells** (not in the tables below):", ""] + \
                  [f"- {c['name']}: exit {c['exit_code']}: {c['error'] or 'no error line'}" for c in failed] + [""]
-    if not paper.empty:
-        probe = paper[paper["comparison"] == "probe"]
-        for metric in ("top1", "f1_macro"):
-            part = probe[probe["metric"] == metric]
-            if part.empty:
-                continue
-            up = int(((part["p_holm"] < ALPHA) & (part["diff"] > 0)).sum())
-            down = int(((part["p_holm"] < ALPHA) & (part["diff"] < 0)).sum())
-            lines.append(f"- {metric_label(metric, capital=True)}: ttr is better in {up}, worse in {down}, and not "
-                         f"detectably different in {len(part) - up - down} of {len(part)} cells (Holm-adjusted "
-                         f"p < {ALPHA:g} over the grid).")
+    family = paper[paper["family"] == CONFIRMATORY] if not paper.empty else paper
+    if not family.empty:
+        counts = family["verdict"].value_counts()
+        lines.append(f"**The answer** (primary metric of each of the {len(family)} main cells, Holm over the "
+                     f"{int(family['family_size'].max())} of them): ttr is better in {counts.get(BETTER, 0)}, worse "
+                     f"in {counts.get(WORSE, 0)}, not robust to probe retraining in {counts.get(NOT_ROBUST, 0)} and "
+                     f"not detectably different in {counts.get(NO_DIFFERENCE, 0)}"
+                     + (f" (untestable in {counts.get(UNTESTABLE, 0)})" if counts.get(UNTESTABLE, 0) else "")
+                     + ". Everything else in this report is exploratory.")
         lines.append("")
     return lines
 
 
-def _paper_section(paper: pd.DataFrame, mcnemar: pd.DataFrame) -> list[str]:
+def _paper_section(paper: pd.DataFrame) -> list[str]:
     if paper.empty:
         return ["## 1. The paper table", "", "No finished cell."]
     metrics = in_report_order(set(paper["metric"]))
     indexed = paper.set_index(["cell", "comparison", "metric"])
-    probe_n = paper.loc[paper["comparison"] == "probe", "cell"].nunique()
-    zero_n = paper.loc[paper["comparison"] == "zero-shot", "cell"].nunique()
-    lines = ["## 1. The paper table: ttr − no-ttr per cell", "",
-             "Each cell's difference of the seed ensembles (ttr − no-ttr) on the same test images with its 95% "
-             f"paired-bootstrap interval, as the cell's metrics.csv holds them. **Bold**: Holm-adjusted p < {ALPHA:g}. "
-             "Rates are fractions; kappa is in [-1, 1].", ""]
+    family = paper[paper["family"] == CONFIRMATORY]
+    size = int(family["family_size"].max()) if not family.empty else 0
+    lines = ["## 1. The answer: the primary metric of the main cells", "",
+             "Main cells: the datasets × models the study lists, each at its axes' main values (the configured value "
+             "where the grid has it, else the first value given). Per main cell, ttr − no-ttr on its primary metric "
+             "(configs.PRIMARY_METRIC: top-1 for Pacemaker and OrthoNet, quadratic weighted kappa for APTOS) with its "
+             "95% interval and test, conditional on the fitted probes; the p-value Holm-adjusted over the family of "
+             f"these {size} tests (Holm 1979, family-wise error rate); with probe refits, the combined interval (test "
+             f"set + probe retraining). The verdict needs the Holm-adjusted p below {ALPHA:g} and, with refits, a "
+             "combined interval that excludes 0.", ""]
+    rows = [[r["cell"], metric_label(r["metric"]), _difference(r), p_value(r["p"]), r["test"], p_value(r["p_holm"]),
+             interval(r["diff_lo_refit"], r["diff_hi_refit"], sign=True) if r["refits"] > 0 else "no refits",
+             r["verdict"]] for _, r in family.iterrows()]
+    lines += markdown_table(["main cell", "primary metric", "ttr − no-ttr [95% CI]", "p", "test", "p Holm",
+                             "combined 95% CI (refits)", "verdict"], rows) if rows else ["No main cell finished."]
+    recomputed = sorted(set(paper.loc[paper["recomputed"].astype(bool), "cell"]))
+    if recomputed:
+        lines += ["", "Cells written by an older version, their statistics recomputed here from their predictions "
+                  "files (no probe refits; seed spread as recorded): " + ", ".join(recomputed) + "."]
+    lines += ["", "## 2. Every cell and metric (exploratory, unadjusted)", "",
+              "The sensitivity axes (every cell that is not a main cell), the secondary metrics and the CLIP zero-shot "
+              "comparisons, each with its 95% interval (Tango's score interval for top-1 and manufacturer top-1 with "
+              "the discordant counts; the paired percentile bootstrap otherwise) and its unadjusted p-value (exact "
+              "McNemar; paired permutation test otherwise). **Bold**: the primary metric of a main cell. Rates are "
+              "fractions; kappa is in [-1, 1].", ""]
     rows = []
     for cell, kind in _entries(paper):
         cells = []
@@ -106,30 +124,22 @@ def _paper_section(paper: pd.DataFrame, mcnemar: pd.DataFrame) -> list[str]:
                 cells.append(MISSING)
                 continue
             r = indexed.loc[(cell, kind, m)]
-            text = estimate(r["diff"], r["diff_lo"], r["diff_hi"], sign=True)
-            cells.append(f"**{text}**" if not is_missing(r["p_holm"]) and r["p_holm"] < ALPHA else text)
-        rows.append([entry_label(cell, kind), *cells])
+            text = f"{estimate(r['diff'], r['diff_lo'], r['diff_hi'], sign=True)} p {p_value(r['p'])}"
+            cells.append(f"**{text}**" if r["family"] == CONFIRMATORY else text)
+        rows.append([entry_label(cell, kind) + ("" if paper.loc[paper["cell"] == cell, "main"].any() else " (sensitivity)"),
+                     *cells])
     lines += markdown_table(["cell", *map(metric_label, metrics)], rows)
-    lines += ["", "Paired-bootstrap p-value and, in brackets, the Holm-adjusted p-value:", ""]
-    rows = []
-    for cell, kind in _entries(paper):
-        rows.append([entry_label(cell, kind), *(
-            f"{p_value(indexed.loc[(cell, kind, m), 'p'])} ({p_value(indexed.loc[(cell, kind, m), 'p_holm'])})"
-            if (cell, kind, m) in indexed.index else MISSING for m in metrics)])
-    lines += markdown_table(["cell", *map(metric_label, metrics)], rows)
-    lines += ["", f"**Multiplicity (Holm 1979, family-wise error rate).** For each metric, the family is the "
-              f"{probe_n} probe comparisons of the grid (one per finished cell that reports the metric: qwk exists "
-              "for APTOS cells only, manufacturer top-1 for Pacemaker cells only)"
-              + (f"; the {zero_n} CLIP zero-shot comparisons form a separate family per metric" if zero_n else "")
-              + "; McNemar on top-1 is its own family. A comparison without that p-value is left out of its "
-              "family (paper_table.csv gives each family's size). A difference is established across the grid "
-              f"only where its Holm-adjusted p is below {ALPHA:g}. {P_ZERO_NOTE}", "",
-              "![ttr minus no-ttr per cell, headline metrics](paper_table.png)", "",
-              "Exact McNemar test on top-1 correctness:", ""]
-    rows = [[entry_label(r["cell"], r["comparison"]), number(r["only_ttr_right"], 0),
-             number(r["only_no_ttr_right"], 0), p_value(r["p"]), p_value(r["p_holm"])] for _, r in mcnemar.iterrows()]
-    lines += markdown_table(["cell", "only ttr right", "only no-ttr right", "p", "p Holm"], rows)
+    lines += ["", "![ttr minus no-ttr per cell, headline metrics](paper_table.png)"]
     return lines
+
+
+def _difference(r) -> str:
+    """``+0.031 [+0.008, +0.054]``, with the discordant counts of a proportion."""
+    text = estimate(r["diff"], r["diff_lo"], r["diff_hi"], sign=True)
+    if not is_missing(r["discordant_ttr_better"]):
+        text += (f" (ttr right where no-ttr wrong: {int(r['discordant_ttr_better'])}, the reverse: "
+                 f"{int(r['discordant_ttr_worse'])})")
+    return text
 
 
 def _other_rows(runs: list[CellRun]) -> list[str]:
@@ -143,7 +153,7 @@ def _other_rows(runs: list[CellRun]) -> list[str]:
 
 
 def _per_class_section(per_class: pd.DataFrame, datasets: list[str], top: int = 3) -> list[str]:
-    lines = _section("## 2. Per-class deltas: which classes gain, which lose",
+    lines = _section("## 3. Per-class deltas: which classes gain, which lose",
                      "Per class of the test split, recall (and F1) of ttr minus no-ttr, from the cells' predictions "
                      "files (per_class.csv has every class). Below, per cell, the largest recall gains and losses "
                      "(class, change in percentage points, test images of the class).")
@@ -172,29 +182,32 @@ def _per_class_section(per_class: pd.DataFrame, datasets: list[str], top: int = 
 
 
 def _calibration_section(calibration: pd.DataFrame) -> list[str]:
-    lines = _section("## 3. Calibration per mode",
+    lines = _section("## 4. Calibration per mode",
                      "From each mode's predictions file (the seed ensemble's probabilities on the test split). "
                      f"**ECE**: {ECE_BINS} equal-width bins on the top-class probability (bin m holds confidences in "
                      f"(m/{ECE_BINS}, (m+1)/{ECE_BINS}]); ECE = Σ (images in bin / N) · |accuracy − mean confidence| "
                      "over the bins. **Brier**: multi-class, mean over images of Σ_c (p_c − 1[c = true])², in [0, 2]. "
-                     "Lower is better for both.")
+                     "Lower is better for both. Each change ttr − no-ttr has its 95% paired percentile bootstrap "
+                     "interval (the cell's resamples of the test images, the same for both modes; exploratory).")
     if calibration.empty:
         return lines + ["No predictions files."]
-    rows = [[entry_label(cell, kind), number(b["n"], 0), _change(b["ece"], a["ece"]), signed(a["ece"] - b["ece"]),
-             _change(b["brier"], a["brier"]), signed(a["brier"] - b["brier"]),
+    rows = [[entry_label(cell, kind), number(b["n"], 0), _change(b["ece"], a["ece"]),
+             estimate(a["ece_diff"], a["ece_diff_lo"], a["ece_diff_hi"], sign=True), _change(b["brier"], a["brier"]),
+             estimate(a["brier_diff"], a["brier_diff_lo"], a["brier_diff_hi"], sign=True),
              _change(b["mean_confidence"], a["mean_confidence"])]
             for cell, kind, b, a in calibration_pairs(calibration)]
-    lines += markdown_table(["cell", "test images", "ECE no-ttr → ttr", "ΔECE", "Brier no-ttr → ttr", "ΔBrier",
-                     "mean confidence"], rows)
+    lines += markdown_table(["cell", "test images", "ECE no-ttr → ttr", "ΔECE [95% CI]", "Brier no-ttr → ttr",
+                             "ΔBrier [95% CI]", "mean confidence"], rows)
     return lines + ["", "![ECE and Brier score per cell](calibration.png)"]
 
 
 def _neurons_section(overlap: pd.DataFrame, rankings: list[Ranking], figures: list[tuple[str, str]],
                      paper_cells: list[str]) -> list[str]:
-    lines = ["## 4. Register neurons: overlap across datasets and with the published ImageNet set", "",
+    lines = ["## 5. Register neurons: overlap across datasets and with the published ImageNet set", "",
              "Jaccard index of the selected (layer, neuron) sets (|A ∩ B| / |A ∪ B|) between the datasets of one "
-             "backbone, and Spearman's rank correlation of the full score vectors (every neuron of every layer that "
-             "both detections scored). Cells that differ only in ttr settings share their dataset's detection, "
+             "backbone, and Spearman's rank correlation of their detection scores over the union of the two selections "
+             "(the neurons either dataset puts on top; over every neuron the thousands of non-register neurons would "
+             "dominate it). Cells that differ only in ttr settings share their dataset's detection, "
              "so each (backbone, dataset) appears once.", ""]
     if not rankings:
         lines += ["No cell detected its register neurons" + (" (every DINOv2 cell used --neurons paper)."
@@ -217,7 +230,7 @@ def _neurons_section(overlap: pd.DataFrame, rankings: list[Ranking], figures: li
                                       "models are not ViT-L/14), so no row compares with it.")]
     if paper_cells:
         lines += ["", "Cells run with the published neurons (`--neurons paper`): " + ", ".join(paper_cells) + "."]
-    lines += ["", "## 5. Register-neuron scores by layer", "",
+    lines += ["", "## 6. Register-neuron scores by layer", "",
               "Per backbone, the detection scores of every layer (top "
               f"{TOP_PER_LAYER} per layer and dataset; scores of 0 - layers without a sparse neuron - are not "
               "drawn). The dashed line is the `highest_layer` cut: neurons right of it are never selected; stars "
@@ -227,7 +240,7 @@ def _neurons_section(overlap: pd.DataFrame, rankings: list[Ranking], figures: li
 
 
 def _outliers_section(outliers: pd.DataFrame) -> list[str]:
-    lines = _section("## 6. Outlier tokens per cell",
+    lines = _section("## 7. Outlier tokens per cell",
                      "From each cell's outliers.csv (the analysis images of its test split, at the detect layer): the "
                      "share of image patches whose norm exceeds the threshold, the mean over images of the largest "
                      "image-patch norm, the test-time register's norm, and the last layer's share of CLS attention on "
@@ -248,7 +261,7 @@ def _outliers_section(outliers: pd.DataFrame) -> list[str]:
 
 def _cells_section(study: dict, notes: list[str]) -> list[str]:
     root = study.get("root", ".")
-    lines = ["## 7. Cells", "",
+    lines = ["## 8. Cells", "",
              f"Each cell is an ordinary run folder; re-run one alone with its command from the repository root "
              f"(`cd {root}`). A cell is resumed when its config.json says done and records this same command.", ""]
     rows = [[c["name"], c["status"], number(c["exit_code"], 0), number(c["seconds"], 0), c["error"] or "",
@@ -256,7 +269,7 @@ def _cells_section(study: dict, notes: list[str]) -> list[str]:
     lines += markdown_table(["cell", "status", "exit", "seconds", "error", "command"], rows)
     if notes:
         lines += ["", "Finished cells that could not be read: " + "; ".join(notes)]
-    lines += ["", "## 8. Combinations not run", ""]
+    lines += ["", "## 9. Combinations not run", ""]
     if study["skipped"]:
         lines += markdown_table(["dataset", "model", "combination", "reason"],
                         [[s["dataset"], s["model"], s["combination"], s["reason"]] for s in study["skipped"]])
@@ -267,18 +280,18 @@ def _cells_section(study: dict, notes: list[str]) -> list[str]:
 
 def markdown(study: dict, runs: list[CellRun], notes: list[str], tables: dict[str, pd.DataFrame],
              rankings: list[Ranking], score_figures: list[tuple[str, str]]) -> str:
-    """The whole ``report.md``: ``tables`` holds the study's ``paper_table``, ``mcnemar``,
+    """The whole ``report.md``: ``tables`` holds the study's ``paper_table``,
     ``per_class``, ``calibration``, ``outliers`` and ``neuron_overlap`` tables; ``score_figures``
     the (file name, title) of each scores-by-layer figure."""
     paper_cells = [r.name for r in runs if (r.neurons or {}).get("source") == "paper"]
     lines = _header(study, tables["paper_table"], runs)
-    lines += _paper_section(tables["paper_table"], tables["mcnemar"]) + _other_rows(runs) + [""]
+    lines += _paper_section(tables["paper_table"]) + _other_rows(runs) + [""]
     lines += _per_class_section(tables["per_class"], list(study["datasets"])) + [""]
     lines += _calibration_section(tables["calibration"]) + [""]
     lines += _neurons_section(tables["neuron_overlap"], rankings, score_figures, paper_cells) + [""]
     lines += _outliers_section(tables["outliers"]) + [""]
     lines += _cells_section(study, notes) + [""]
-    lines += ["## Files", "", "paper_table.csv (every metric, p and Holm p), mcnemar.csv, per_class.csv, "
+    lines += ["## Files", "", "paper_table.csv (every metric, its test and p, the Holm family and verdicts), per_class.csv, "
               "calibration.csv, neuron_overlap.csv, outliers.csv, cells.csv, skipped.csv and the figures above; "
               "the study record is ../study.json, each cell's output tail ../logs/<cell>.log.", ""]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Every number of the report comes from there (``config.json``, ``metrics.csv``,
 ``predictions_<mode>.csv``, ``outliers.csv``, ``register_neurons.json``); nothing is recomputed
-from features.
+from features.  A cell written by an older statistics schema has its statistics recomputed from
+its predictions files (:mod:`common.reporting.recompute`), so the report never mixes methods.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 from common.errors import UserError
 from common.registers.modes import BASELINE, TTR, ZERO_SHOT_SUFFIX, predictions_file
 from common.reporting.format import MISSING
+from common.reporting.recompute import primary_of
 from common.reporting.report import read_run
 
 # The comparisons a cell's metrics.csv may hold: (kind, no-ttr row, ttr row).
@@ -37,6 +39,9 @@ class CellRun:
     metrics: pd.DataFrame           # metrics.csv, index mode
     outliers: pd.DataFrame | None   # outliers.csv, index mode
     neurons: dict | None            # register_neurons.json
+    main: bool = True               # a main cell (dataset x model at the axes' main values)
+    primary: str = "top1"           # the run's primary metric
+    recomputed: bool = False        # statistics recomputed from the predictions (older schema)
 
     @property
     def backbone(self) -> str:
@@ -62,9 +67,21 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.
     return names, true.to_numpy(np.int64), predicted.to_numpy(np.int64), frame[columns].to_numpy(float)
 
 
+def main_cells(cells: list[dict]) -> set[str]:
+    """The names of the main cells: as the study record marks them (``main``); a record written
+    before the mark: per (dataset, model) the cell without axis settings, else its first cell."""
+    if all("main" in cell for cell in cells):
+        return {cell["name"] for cell in cells if cell["main"]}
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault((cell["dataset"], cell["model"]), []).append(cell)
+    return {next((c for c in group if not c["settings"]), group[0])["name"] for group in groups.values()}
+
+
 def read_cells(study: dict) -> tuple[list[CellRun], list[str]]:
     """The finished cells (status done or resumed) and a note per cell that could not be read."""
     runs, notes = [], []
+    mains = main_cells(study["cells"])
     for cell in study["cells"]:
         if cell["status"] not in ("done", "resumed"):
             continue
@@ -81,7 +98,8 @@ def read_cells(study: dict) -> tuple[list[CellRun], list[str]]:
             except (OSError, ValueError) as error:
                 notes.append(f"{cell['name']}: register_neurons.json cannot be read ({error})")
         runs.append(CellRun(cell["name"], cell["dataset"], cell["model"], dict(cell["settings"]), folder,
-                            run["info"], run["metrics"], run["outliers"], neurons))
+                            run["info"], run["metrics"], run["outliers"], neurons, main=cell["name"] in mains,
+                            primary=primary_of(run["info"]), recomputed=bool(run.get("recomputed"))))
     return runs, notes
 
 

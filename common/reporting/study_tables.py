@@ -1,5 +1,6 @@
-"""The study report's tables (one CSV each): the paper table and McNemar with Holm over the grid,
-per-class recall and F1, calibration, the outlier statistics and the register-neuron overlap."""
+"""The study report's tables (one CSV each): the paper table with Holm over the primary metric of
+the main cells, per-class recall and F1, calibration with paired intervals on its change, the
+outlier statistics and the register-neuron overlap."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import numpy as np
 import pandas as pd
 
 from common.errors import UserError
-from common.evaluation.calibration import ECE_BINS, brier_score, expected_calibration_error
-from common.evaluation.stats import holm
+from common.evaluation.calibration import ECE_BINS, brier_score, expected_calibration_error, weighted_brier, weighted_ece
+from common.evaluation.compare import decide
+from common.evaluation.metrics import PROPORTIONS
+from common.evaluation.stats import bootstrap_difference, holm, resample_weights
 from common.registers.modes import BASELINE, TTR
 from common.registers.neurons import PAPER_IDENTITY, PAPER_NEURONS_DINOV2_VITL14
 from common.reporting.format import in_report_order
@@ -30,54 +33,61 @@ from common.reporting.study_read import (
 PAPER_LABEL = "published ImageNet set"
 
 
-def _holm_by(table: pd.DataFrame, groups: list[str], column: str = "p") -> pd.DataFrame:
-    """``table`` with ``<column>_holm`` (Holm within each group of ``groups``) and ``family_size``
-    (the p-values each family holds)."""
-    table = table.copy()
-    table[f"{column}_holm"] = math.nan
-    table["family_size"] = 0
-    if table.empty:
-        return table
-    for _, part in table.groupby(groups, sort=False):
-        index = part.index
-        values = table.loc[index, column].to_numpy(float)
-        table.loc[index, f"{column}_holm"] = holm(values)
-        table.loc[index, "family_size"] = int(np.isfinite(values).sum())
-    return table
+CONFIRMATORY = "primary, main cells"
+EXPLORATORY = "exploratory"
 
 
 def paper_table(runs: list[CellRun], axes: list[str]) -> pd.DataFrame:
-    """Per (cell, comparison, metric) the ttr - no-ttr difference, its interval and p-value from the
-    cell's metrics.csv, and the Holm-adjusted p over the grid (family: one metric, one comparison kind)."""
-    rows = []
+    """Per (cell, comparison, metric) the ttr - no-ttr difference, its interval, test and p-value
+    (from the cell's metrics.csv, recomputed first when an older schema wrote it), the refits'
+    combined interval, and the family: Holm runs over the **primary metric of the main cells**
+    (probe comparisons), which get ``p_holm``, ``family_size`` and a ``verdict``
+    (:func:`common.evaluation.compare.decide` on the Holm-adjusted p); every other row is
+    exploratory, unadjusted."""
+    rows, sources = [], []
     for run in runs:
         columns = run.metrics.columns
         metrics = in_report_order(m for m in columns if f"{m}_diff" in columns)
         for kind, base, mode in comparisons_of(run):
+            source = run.metrics.loc[mode]
             for metric in metrics:
-                rows.append({**identity_of(run, axes), "comparison": kind, "metric": metric,
+                confirmatory = kind == "probe" and run.main and metric == run.primary
+                rows.append({**identity_of(run, axes), "comparison": kind, "metric": metric, "main": run.main,
+                             "primary": metric == run.primary,
+                             "family": CONFIRMATORY if confirmatory else EXPLORATORY,
                              "no_ttr": value_of(run.metrics, base, metric), "ttr": value_of(run.metrics, mode, metric),
                              "diff": value_of(run.metrics, mode, f"{metric}_diff"),
                              "diff_lo": value_of(run.metrics, mode, f"{metric}_diff_lo"),
                              "diff_hi": value_of(run.metrics, mode, f"{metric}_diff_hi"),
-                             "p": value_of(run.metrics, mode, f"p_{metric}")})
-    table = pd.DataFrame(rows, columns=["cell", "dataset", "model", *axes, "comparison", "metric", "no_ttr", "ttr",
-                                        "diff", "diff_lo", "diff_hi", "p"])
-    return _holm_by(table, ["comparison", "metric"])
+                             "p": value_of(run.metrics, mode, f"p_{metric}"),
+                             "test": "exact McNemar" if metric in PROPORTIONS else "permutation",
+                             "discordant_ttr_better": value_of(run.metrics, mode, f"{metric}_discordant_ttr_better"),
+                             "discordant_ttr_worse": value_of(run.metrics, mode, f"{metric}_discordant_ttr_worse"),
+                             "changed_predictions": value_of(run.metrics, mode, "changed_predictions"),
+                             "refits": value_of(run.metrics, mode, "refits"),
+                             "diff_lo_refit": value_of(run.metrics, mode, f"{metric}_diff_lo_refit"),
+                             "diff_hi_refit": value_of(run.metrics, mode, f"{metric}_diff_hi_refit"),
+                             "recomputed": run.recomputed})
+                sources.append(source)
+    table = pd.DataFrame(rows, columns=paper_columns(axes))
+    table["p_holm"] = math.nan
+    table["family_size"] = 0
+    table["verdict"] = ""
+    family = table.index[table["family"] == CONFIRMATORY] if not table.empty else []
+    if len(family):
+        values = table.loc[family, "p"].to_numpy(float)
+        table.loc[family, "p_holm"] = holm(values)
+        table.loc[family, "family_size"] = int(np.isfinite(values).sum())
+        table.loc[family, "verdict"] = [decide(sources[i], table.at[i, "metric"], p=table.at[i, "p_holm"])
+                                        for i in family]
+    return table
 
 
-def mcnemar_table(runs: list[CellRun], axes: list[str]) -> pd.DataFrame:
-    """Per (cell, comparison) the exact McNemar test on top-1 correctness, Holm over the grid."""
-    rows = []
-    for run in runs:
-        for kind, _, mode in comparisons_of(run):
-            rows.append({**identity_of(run, axes), "comparison": kind,
-                         "only_ttr_right": value_of(run.metrics, mode, "mcnemar_c"),
-                         "only_no_ttr_right": value_of(run.metrics, mode, "mcnemar_b"),
-                         "p": value_of(run.metrics, mode, "p_mcnemar_top1")})
-    table = pd.DataFrame(rows, columns=["cell", "dataset", "model", *axes, "comparison", "only_ttr_right",
-                                        "only_no_ttr_right", "p"])
-    return _holm_by(table, ["comparison"])
+def paper_columns(axes: list[str]) -> list[str]:
+    """The paper table's columns before the Holm ones."""
+    return ["cell", "dataset", "model", *axes, "comparison", "metric", "main", "primary", "family", "no_ttr", "ttr",
+            "diff", "diff_lo", "diff_hi", "p", "test", "discordant_ttr_better", "discordant_ttr_worse",
+            "changed_predictions", "refits", "diff_lo_refit", "diff_hi_refit", "recomputed"]
 
 
 def per_class_scores(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> pd.DataFrame:
@@ -121,22 +131,32 @@ def per_class_table(runs: list[CellRun], axes: list[str]) -> pd.DataFrame:
 
 def calibration_table(runs: list[CellRun], axes: list[str], n_bins: int = ECE_BINS) -> pd.DataFrame:
     """Per (cell, mode): ``n, accuracy, mean_confidence, ece`` (``n_bins`` equal-width bins on the
-    top-class probability) and ``brier`` (multi-class), from the mode's predictions file."""
+    top-class probability) and ``brier`` (multi-class), from the mode's predictions file; on the
+    ttr row of each comparison the change ttr - no-ttr of both with its 95% paired percentile
+    bootstrap interval (``ece_diff, ece_diff_lo, ece_diff_hi``, likewise ``brier_``; the cell's
+    ``bootstrap_resamples`` and ``seed``, the same resamples for both modes)."""
     rows = []
     for run in runs:
+        config = run.info.get("config") or {}
         for kind, base, mode in comparisons_of(run):
-            for which in (base, mode):
-                path = predictions_path(run.folder, which)
-                if not path.is_file():
-                    continue
-                _, true, predicted, proba = read_predictions(path)
+            paths = {which: predictions_path(run.folder, which) for which in (base, mode)}
+            read = {which: read_predictions(path) for which, path in paths.items() if path.is_file()}
+            for which, (_, true, predicted, proba) in read.items():
                 rows.append({**identity_of(run, axes), "comparison": kind, "mode": which, "n": len(true),
                              "accuracy": float((true == predicted).mean()) if len(true) else math.nan,
                              "mean_confidence": float(proba.max(axis=1).mean()) if len(true) else math.nan,
-                             "ece": expected_calibration_error(proba, true, n_bins),
-                             "brier": brier_score(proba, true)})
+                             "ece": expected_calibration_error(proba, true, n_bins), "brier": brier_score(proba, true)})
+            if len(read) == 2 and len(read[base][1]) == len(read[mode][1]) and len(read[base][1]):
+                (_, true, _, p0), (_, _, _, p1) = read[base], read[mode]
+                W = np.vstack([np.ones((1, len(true))), resample_weights(
+                    len(true), int(config.get("bootstrap_resamples", 1000)), int(config.get("seed", 0)))])
+                for name, score in (("ece", lambda p: weighted_ece(p, true, W, n_bins)),
+                                    ("brier", lambda p: weighted_brier(p, true, W))):
+                    d, lo, hi, _ = bootstrap_difference(score(p1), score(p0))
+                    rows[-1].update({f"{name}_diff": d, f"{name}_diff_lo": lo, f"{name}_diff_hi": hi})
     return pd.DataFrame(rows, columns=["cell", "dataset", "model", *axes, "comparison", "mode", "n", "accuracy",
-                                       "mean_confidence", "ece", "brier"])
+                                       "mean_confidence", "ece", "brier", "ece_diff", "ece_diff_lo", "ece_diff_hi",
+                                       "brier_diff", "brier_diff_lo", "brier_diff_hi"])
 
 
 def calibration_pairs(calibration: pd.DataFrame):
@@ -171,11 +191,13 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(union) if union else math.nan
 
 
-def spearman(a: dict, b: dict) -> tuple[float, int]:
-    """Spearman's rho of the scores of the (layer, neuron) pairs both rankings score, and how many."""
+def spearman(a: dict, b: dict, keys=None) -> tuple[float, int]:
+    """Spearman's rho of the scores of the (layer, neuron) pairs in ``keys`` (default: every pair
+    both rankings score) that both score with a finite value, and how many."""
     from scipy.stats import spearmanr
 
-    keys = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
+    keys = [k for k in (a if keys is None else sorted(keys))
+            if k in a and k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
     if len(keys) < 3:
         return math.nan, len(keys)
     x, y = np.array([a[k] for k in keys]), np.array([b[k] for k in keys])
@@ -197,7 +219,8 @@ def _is_paper_backbone(identity: tuple | None) -> bool:
 
 def neuron_overlap(rankings: list[Ranking]) -> pd.DataFrame:
     """Per backbone (and selection) and pair of datasets: Jaccard of the selected (layer, neuron)
-    sets and Spearman's rho of the full score vectors; for DINOv2 ViT-L/14, each dataset against the
+    sets and Spearman's rho of their scores over the union of the two selections (the neurons
+    either ranking puts on top; the thousands of non-register neurons would swamp it); for DINOv2 ViT-L/14, each dataset against the
     published ImageNet set (Jaccard; rho is NaN, no scores were published) with the published
     neurons' median rank in the detected ranking and how many of them the selection holds."""
     rows = []
@@ -209,7 +232,7 @@ def neuron_overlap(rankings: list[Ranking]) -> pd.DataFrame:
         base = {"backbone": members[0].backbone, "highest_layer": highest, "top_k": top_k}
         for i, a in enumerate(members):
             for b in members[i + 1:]:
-                rho, n = spearman(a.scores(), b.scores())
+                rho, n = spearman(a.scores(), b.scores(), a.selected | b.selected)
                 rows.append({**base, "set_a": a.dataset, "set_b": b.dataset, "selected_a": len(a.selected),
                              "selected_b": len(b.selected), "shared": len(a.selected & b.selected),
                              "jaccard": jaccard(a.selected, b.selected), "spearman_rho": rho, "spearman_n": n,

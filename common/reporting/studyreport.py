@@ -9,30 +9,35 @@ from features.  Files (``OUT/report/``):
 ==========================  =====================================================================
 ``report.md``                everything below for a human, the answer first
 ``paper_table.csv``          one row per (cell, comparison, metric): ``cell, dataset, model,
-                             <axis>..., comparison`` (``probe`` | ``zero-shot``), ``metric,
-                             no_ttr, ttr, diff, diff_lo, diff_hi, p, p_holm, family_size``
-                             (``diff`` = ttr - no-ttr of the seed ensembles with its 95% paired-
-                             bootstrap interval and p-value, as the cell's metrics.csv has them)
-``mcnemar.csv``              per (cell, comparison): ``only_ttr_right, only_no_ttr_right, p, p_holm,
-                             family_size`` (exact McNemar on top-1 correctness)
+                             <axis>..., comparison`` (``probe`` | ``zero-shot``), ``metric, main,
+                             primary, family, no_ttr, ttr, diff, diff_lo, diff_hi, p, test,
+                             discordant_ttr_better, discordant_ttr_worse, changed_predictions,
+                             refits, diff_lo_refit, diff_hi_refit, recomputed, p_holm,
+                             family_size, verdict`` (``diff`` = ttr - no-ttr of the seed ensembles
+                             with its 95% interval and test, as the cell's metrics.csv has them)
 ``per_class.csv``            per (cell, comparison, class): ``support, recall_no_ttr, recall_ttr,
                              recall_delta, f1_no_ttr, f1_ttr, f1_delta`` (from the predictions files)
-``calibration.csv``          per (cell, mode): ``n, accuracy, mean_confidence, ece, brier``
+``calibration.csv``          per (cell, mode): ``n, accuracy, mean_confidence, ece, brier`` and on
+                             ttr rows their change with a paired bootstrap interval
 ``neuron_overlap.csv``       per backbone and pair of datasets: ``selected_a, selected_b, shared,
-                             jaccard, spearman_rho, spearman_n`` (+ rows against the published set)
+                             jaccard, spearman_rho, spearman_n`` (rho over the union of the two
+                             selections; + rows against the published set)
 ``outliers.csv``             per cell: the no-ttr and ttr values of each run's outliers.csv
 ``cells.csv``                per cell: status, exit code, error line, seconds, folder, command
 ``skipped.csv``              the combinations not run and why
-``paper_table.png``          forest plot of the headline differences, Holm-filled markers
+``paper_table.png``          forest plot of the headline differences (filled: primary metric of a
+                             main cell with Holm-adjusted p < 0.05)
 ``per_class_<dataset>.png``  recall change per class and cell (heat map, percentage points)
 ``calibration.png``          ECE and Brier score per cell, no-ttr -> ttr
 ``outliers.png``             share of patches above threshold and max patch norm, no-ttr -> ttr
 ``scores_by_layer_<b>.png``  register-neuron scores by layer per backbone, highest_layer cut drawn
 ==========================  =====================================================================
 
-Multiplicity: Holm (1979) across the whole grid; for each metric the family is the grid's
-probe comparisons (one per cell), and separately the zero-shot comparisons (one per clip cell
-with ``--zero_shot``), McNemar likewise (:func:`common.evaluation.stats.holm`).
+Multiplicity: Holm (1979) over the **primary metric of the main cells** (the datasets x models
+the study lists, each at its axes' main values; one probe comparison per cell,
+:func:`common.evaluation.stats.holm`); the sensitivity axes, the zero-shot comparisons and the
+secondary metrics are exploratory, unadjusted, and labelled so.  A cell written by an older
+statistics schema is recomputed from its predictions files first (one method per report).
 
 The work is split by job: :mod:`~common.reporting.study_read` (the cells and their files),
 :mod:`~common.reporting.study_tables` (the CSVs), :mod:`~common.reporting.study_figures` (the
@@ -62,10 +67,9 @@ from common.reporting.study_figures import (
     slug,
 )
 from common.reporting.study_markdown import markdown
-from common.reporting.study_read import Ranking, detected_rankings, read_cells
+from common.reporting.study_read import Ranking, detected_rankings, main_cells, read_cells
 from common.reporting.study_tables import (
     calibration_table,
-    mcnemar_table,
     neuron_overlap,
     outliers_table,
     paper_table,
@@ -97,12 +101,13 @@ def write_report(study: dict, out: str | Path) -> Path:
     axes = list(study["axes"])
     runs, notes = read_cells(study)
     rankings = detected_rankings(runs)
-    tables = {"paper_table": paper_table(runs, axes), "mcnemar": mcnemar_table(runs, axes),
+    tables = {"paper_table": paper_table(runs, axes),
               "per_class": per_class_table(runs, axes), "calibration": calibration_table(runs, axes),
               "outliers": outliers_table(runs, axes), "neuron_overlap": neuron_overlap(rankings)}
+    mains = main_cells(study["cells"])
     cells = pd.DataFrame([{k: c[k] for k in ("name", "dataset", "model", "status", "exit_code", "error", "seconds",
-                                             "folder", "command")} | {a: c["settings"].get(a, MISSING) for a in axes}
-                          for c in study["cells"]])
+                                             "folder", "command")} | {"main": c["name"] in mains}
+                          | {a: c["settings"].get(a, MISSING) for a in axes} for c in study["cells"]])
     skipped = pd.DataFrame(study["skipped"], columns=["dataset", "model", "combination", "reason"])
     for name, frame in (*tables.items(), ("cells", cells), ("skipped", skipped)):
         write_csv(out / f"{name}.csv", frame)

@@ -1,10 +1,10 @@
-"""``summary.md``: a run for a human, the answer first (docs/run.md).
+"""``summary.md``: a run for a human, the answer first (docs/run.md, docs/statistics.md).
 
-It opens with the verdict - one sentence per headline metric (better, worse, or no detectable
-difference at the 5% level, with the difference and its interval) - and the outlier effect in
-numbers, then flags what a reader must know (probes that did not converge, strong register
-neurons left out by ``highest_layer``, leaks between splits), then the side-by-side table, the
-run's settings and the figures.
+It opens with the verdict on the **primary metric** (better, worse, not robust to probe
+retraining, or no detectable difference with the smallest detectable one), then the secondary
+metrics with their intervals and no verdict words, the outlier effect in numbers, what a reader
+must know (probes that did not converge, strong register neurons left out by ``highest_layer``,
+leaks between splits), the side-by-side table, the probe refits, the run's settings and the figures.
 """
 
 from __future__ import annotations
@@ -17,19 +17,22 @@ import pandas as pd
 
 from common.errors import UserError
 from common.evaluation.analysis import outlier_effect
-from common.evaluation.metrics import METRIC_LABELS
-from common.evaluation.stats import ALPHA
+from common.evaluation.compare import BETTER, NOT_ROBUST, UNTESTABLE, WORSE, decide
+from common.evaluation.metrics import METRIC_LABELS, PROPORTIONS
+from common.evaluation.stats import ALPHA, POWER
 from common.io import write_text
 from common.registers.modes import BASELINE, TTR
 from common.reporting.format import (
     estimate,
     in_report_order,
     interval,
+    is_missing,
     markdown_table,
     metric_label,
     number,
     p_text,
     p_value,
+    percent,
     signed,
 )
 
@@ -37,20 +40,9 @@ if TYPE_CHECKING:  # the run's state is built by the app layer, above this one
     from common.app.runstate import RunState
 
 
-def verdicts(table: pd.DataFrame, *, mode: str = TTR, baseline: str = BASELINE, alpha: float = ALPHA) -> list[str]:
-    """One plain-English sentence per headline metric of ``table`` (a ``metrics.csv`` table of
-    :func:`common.evaluation.metrics.evaluate_modes`): is ``mode`` better, worse, or not detectably
-    different from ``baseline``?
-
-    ``baseline`` names the baseline the table was computed against (its row carries no
-    differences).  The decision is ``p_m < alpha`` (paired bootstrap) and the sign of
-    ``m_diff``; the sentence quotes the difference, its 95% interval and ``p``.  At the default
-    ``alpha = 0.05`` the decision agrees exactly with the interval (``p < 0.05`` if and only if
-    the 95% interval excludes 0, :mod:`common.evaluation.stats`); at another ``alpha`` the quoted
-    interval is still the 95% one.  Every metric, top-1 included, is decided by its paired
-    bootstrap (McNemar's exact p-value and counts are in the table for the caller to quote beside
-    it).  A metric whose difference is undefined (e.g. no class usable for AUC) says so.
-    """
+def _comparison_row(table: pd.DataFrame, mode: str, baseline: str) -> pd.Series:
+    """The row of ``mode`` in a ``metrics.csv`` table computed against ``baseline`` (one line
+    naming what is wrong otherwise)."""
     modes = list(table["mode"]) if "mode" in table.columns else []
     for wanted in (mode, baseline):
         if wanted not in modes:
@@ -59,55 +51,155 @@ def verdicts(table: pd.DataFrame, *, mode: str = TTR, baseline: str = BASELINE, 
     base_diffs = table.loc[table["mode"] == baseline, [c for c in table.columns if c.endswith("_diff")]]
     if base_diffs.notna().to_numpy().any():
         raise UserError(f"{baseline!r} is not the baseline this metrics table was computed against")
-    row = table.loc[table["mode"] == mode].iloc[0]
+    return table.loc[table["mode"] == mode].iloc[0]
+
+
+def _get(row, key: str) -> float:
+    value = row.get(key, math.nan)
+    return math.nan if is_missing(value) else float(value)
+
+
+def _unchanged(row) -> bool:
+    return _get(row, "changed_predictions") == 0
+
+
+def claim(row, metric: str, mode: str = TTR, baseline: str = BASELINE) -> str:
+    """The difference of ``metric`` with its interval, what the interval is, the test and, for a
+    proportion, the discordant counts: ``+0.031, 95% CI [+0.008, +0.054] (Tango score interval),
+    exact McNemar p = 0.012; ttr right where no-ttr wrong: 14, the reverse: 6``."""
+    d, lo, hi, p = (_get(row, key) for key in (f"{metric}_diff", f"{metric}_diff_lo", f"{metric}_diff_hi",
+                                                 f"p_{metric}"))
+    if metric in PROPORTIONS:
+        counts = (f"{mode} right where {baseline} wrong: {int(_get(row, f'{metric}_discordant_ttr_better'))}, "
+                  f"the reverse: {int(_get(row, f'{metric}_discordant_ttr_worse'))}")
+        return (f"{signed(d)}, 95% CI {interval(lo, hi, sign=True)} (Tango score interval), exact McNemar "
+                f"{p_text(p)}; {counts}")
+    if _unchanged(row) and lo == hi == d == 0:
+        return f"{signed(d)}, no test prediction changed"
+    return (f"{signed(d)}, 95% CI {interval(lo, hi, sign=True)} (paired bootstrap of the test images), paired "
+            f"permutation test {p_text(p)}")
+
+
+def refit_clause(row, metric: str, mode: str = TTR) -> str:
+    """What the probe refits say about ``metric`` (empty without refits)."""
+    refits = _get(row, "refits")
+    if not refits > 0:
+        return ""
+    mean, sd, share = (_get(row, f"{metric}_refit_{s}") for s in ("mean", "sd", "share_better"))
+    lo, hi = _get(row, f"{metric}_diff_lo_refit"), _get(row, f"{metric}_diff_hi_refit")
+    return (f"Over {int(refits)} probe refits on bootstrap resamples of the training set the difference is "
+            f"{signed(mean)} on average (SD {number(sd)}, {mode} better in {percent(share)}); the combined 95% CI "
+            f"(test set + probe retraining) is {interval(lo, hi, sign=True)}")
+
+
+def mde_clause(row, metric: str) -> str:
+    """The smallest difference the test detects with 80% power, and what that assumes."""
+    mde = _get(row, f"mde_{metric}")
+    basis = row.get("mde_basis")
+    rate = _get(row, "mde_discordance")
+    if is_missing(mde):
+        return "the smallest detectable difference cannot be estimated here"
+    assumption = {
+        "observed": f"exact McNemar at the observed discordance rate, {number(rate)}",
+        "probe seeds": f"exact McNemar at the discordance rate between probe seeds, {number(rate)}, since no test "
+                       "prediction changed",
+        "none": "exact McNemar with every discordant pair favouring one mode, since no test prediction changed and "
+                "the probe seeds agree",
+        "bootstrap SE": "normal approximation with the paired-bootstrap standard error of the difference",
+        "independent-modes SE": "normal approximation with the standard error of two independent modes, √2 × the "
+                                "baseline's bootstrap standard error, since too few test predictions changed to "
+                                "estimate the pairing; a paired test needs at least 6 changed predictions to reach "
+                                "5%",
+    }.get(basis, str(basis))
+    return (f"the smallest difference this test detects with {POWER:.0%} power is ±{number(mde)} "
+            f"({assumption})")
+
+
+def answer(table: pd.DataFrame, primary: str, *, mode: str = TTR, baseline: str = BASELINE,
+           alpha: float = ALPHA) -> str:
+    """The verdict on the primary metric in one sentence (:func:`common.evaluation.compare.decide`):
+    better, worse, not robust to probe retraining, or no detectable difference (with the smallest
+    detectable one), quoting the difference, its interval, the test and the refits."""
+    row = _comparison_row(table, mode, baseline)
+    label = f"{metric_label(primary, capital=True)} (primary metric)"
+    verdict = decide(row, primary, alpha)
     level = f"{alpha * 100:g}%"
-    sentences = []
-    for m in in_report_order(c[: -len("_diff")] for c in table.columns if c.endswith("_diff")):
-        label = metric_label(m, capital=True)
-        d, lo, hi, p = (float(row.get(f"{m}_diff", math.nan)), float(row.get(f"{m}_diff_lo", math.nan)),
-                        float(row.get(f"{m}_diff_hi", math.nan)), float(row.get(f"p_{m}", math.nan)))
-        if math.isnan(d) or math.isnan(p):
-            sentences.append(f"{label}: not testable on this test split (the metric is undefined for "
-                             f"{mode} or {baseline}).")
+    refits = refit_clause(row, primary, mode)
+    if verdict == UNTESTABLE:
+        return f"{label}: not testable on this test split (the metric is undefined for {mode} or {baseline})."
+    text = claim(row, primary, mode, baseline)
+    if verdict in (BETTER, WORSE):
+        sentence = f"{label}: {mode} is {verdict} than {baseline}: {text}."
+    elif verdict == NOT_ROBUST:
+        sentence = (f"{label}: {mode} differs from {baseline} with these fitted probes ({text}), but the difference is "
+                    "not robust to probe retraining.")
+    else:
+        unchanged = "; no test prediction changed" if _unchanged(row) and primary in PROPORTIONS else ""
+        mde = mde_clause(row, primary)
+        sentence = (f"{label}: no detectable difference between {mode} and {baseline} at the {level} level: "
+                    f"{text}{unchanged}. {mde[:1].upper()}{mde[1:]}.")
+    return f"{sentence} {refits}." if refits else sentence
+
+
+def secondary(table: pd.DataFrame, primary: str, *, mode: str = TTR, baseline: str = BASELINE) -> list[str]:
+    """One line per other metric: its difference, interval and test, without a verdict."""
+    row = _comparison_row(table, mode, baseline)
+    names = in_report_order(c[: -len("_diff")] for c in table.columns if c.endswith("_diff"))
+    lines = []
+    for m in names:
+        if m == primary:
             continue
-        ci = f"95% CI {interval(lo, hi, sign=True)}"
-        boot = f"paired bootstrap {p_text(p)}" + (", no resample reached 0" if p == 0 else "")
-        # direction from d; a significant d of exactly 0 (possible only for odd non-linear
-        # metrics) takes the side of its interval
-        side = np.sign(d) or np.sign(lo + hi)
-        if p < alpha and side > 0:
-            text = f"{mode} is better than {baseline} by {signed(d)} ({ci}, {boot})."
-        elif p < alpha and side < 0:
-            text = f"{mode} is worse than {baseline} by {number(-d)} (difference {signed(d)}, {ci}, {boot})."
+        if is_missing(row.get(f"{m}_diff")):
+            lines.append(f"{metric_label(m, capital=True)}: undefined on this test split.")
         else:
-            text = (f"no detectable difference between {mode} and {baseline} at the {level} level "
-                    f"(difference {signed(d)}, {ci}, {boot}).")
-        sentences.append(f"{label}: {text}")
-    return sentences
+            lines.append(f"{metric_label(m, capital=True)}: {claim(row, m, mode, baseline)}.")
+    return lines
 
 
-def results_table(table: pd.DataFrame, baseline: str, mode: str) -> list[str]:
+def results_table(table: pd.DataFrame, baseline: str, mode: str, primary: str | None = None) -> list[str]:
     """Markdown rows: per metric, both modes with interval and seed spread, the difference with its
-    interval and the paired p-value."""
+    interval, the p-value and its test; the primary metric marked."""
     rows = table.set_index("mode")
 
     def value(m: str, name: str) -> str:
         row = rows.loc[m]
-        sd = row.get(f"{name}_seed_sd", math.nan)
-        return estimate(row[name], row[f"{name}_lo"], row[f"{name}_hi"], sd=sd if sd > 0 else None)
+        return estimate(row[name], row[f"{name}_lo"], row[f"{name}_hi"], sd=row.get(f"{name}_seed_sd"))
+
+    def difference(row, name: str) -> str:
+        if name not in PROPORTIONS and _unchanged(row) and _get(row, f"{name}_diff_lo") == _get(row, f"{name}_diff_hi") == 0:
+            return f"{signed(row.get(f'{name}_diff'))} (no test prediction changed)"
+        return estimate(row.get(f"{name}_diff"), row.get(f"{name}_diff_lo"), row.get(f"{name}_diff_hi"), sign=True)
 
     row = rows.loc[mode]
     return markdown_table(
-        ["metric", baseline, mode, f"{mode} − {baseline} [95% CI]", "p (paired bootstrap)"],
-        [[metric_label(name), value(baseline, name), value(mode, name),
-          estimate(row.get(f"{name}_diff"), row.get(f"{name}_diff_lo"), row.get(f"{name}_diff_hi"), sign=True),
-          p_value(row.get(f"p_{name}"))]
+        ["metric", baseline, mode, f"{mode} − {baseline} [95% CI]", "p", "test"],
+        [[metric_label(name) + (" (primary)" if name == primary else ""), value(baseline, name), value(mode, name),
+          difference(row, name), p_value(row.get(f"p_{name}")),
+          "exact McNemar" if name in PROPORTIONS else "permutation"]
          for name in in_report_order(set(table.columns) & set(METRIC_LABELS))])
 
 
-def write_summary(state: RunState, extra_sections: list[str]) -> None:
-    """Write ``summary.md`` of a finished run."""
+def refits_table(table: pd.DataFrame, baseline: str, mode: str, primary: str) -> list[str]:
+    """Markdown rows of the probe refits per metric (empty without refits)."""
+    row = _comparison_row(table, mode, baseline)
+    if not _get(row, "refits") > 0:
+        return []
+    names = in_report_order(set(table.columns) & set(METRIC_LABELS))
+    return markdown_table(
+        ["metric", "difference (this fit)", "mean over refits", "SD over refits", f"refits with {mode} better",
+         "combined 95% CI", "verdict"],
+        [[metric_label(m) + (" (primary)" if m == primary else ""), signed(row.get(f"{m}_diff")),
+          signed(row.get(f"{m}_refit_mean")), number(row.get(f"{m}_refit_sd")),
+          percent(row.get(f"{m}_refit_share_better")),
+          interval(row.get(f"{m}_diff_lo_refit"), row.get(f"{m}_diff_hi_refit"), sign=True),
+          decide(row, m) if m == primary else "(secondary)"] for m in names])
+
+
+def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
+    """Write ``summary.md`` of a finished run; returns the lines the terminal ends with (the
+    verdict on the primary metric)."""
     config, dataset, backbone, metrics = state.config, state.dataset, state.backbone, state.metrics
+    primary = config["primary_metric"]
     title = f"# {state.spec.title}: {state.options.model}, no-ttr vs ttr"
     lines = [title, ""]
     if state.options.demo:
@@ -115,40 +207,53 @@ def write_summary(state: RunState, extra_sections: list[str]) -> None:
                   "backbone is a small randomly initialised ViT with register neurons planted by hand at "
                   f"{state.planted}. These numbers say nothing about real medical images.", ""]
     n_test = int((dataset.table["split"] == "test").sum())
-    lines += ["## The answer", "",
+    verdict = answer(metrics, primary, mode=TTR, baseline=BASELINE)
+    lines += ["## The answer", "", f"**{verdict}**", "",
               f"Does moving the register neurons onto a test-time register (ttr) change the linear probe on "
-              f"{n_test} test images? Each mode's prediction is its {len(config['probe_seeds'])} probe seeds' "
-              "ensemble; differences are paired (the same bootstrap resamples of the test set for both modes).", ""]
-    lines += [f"- {sentence}" for sentence in verdicts(metrics, mode=TTR, baseline=BASELINE)]
+              f"{n_test} test images? Each mode's prediction is its {len(config['probe_seeds'])} probe seed(s)' "
+              f"ensemble; the answer is about the primary metric, {metric_label(primary)} (configs.PRIMARY_METRIC; "
+              "`--set primary_metric=...`). Its conditional test compares the two fitted probes on the same test "
+              f"images; \"{BETTER}\" or \"{WORSE}\" also needs the combined interval over probe refits to exclude 0 "
+              "(docs/statistics.md).", "",
+              "Secondary metrics (exploratory, no verdict, not adjusted for multiplicity):", ""]
+    lines += [f"- {line}" for line in secondary(metrics, primary, mode=TTR, baseline=BASELINE)]
     if state.outliers is not None:
         effect = outlier_effect(state.outliers)
         if effect:
             lines += ["", effect]
-    rows = metrics.set_index("mode")
-    lines += ["", f"Exact McNemar test on top-1 correctness: {p_text(rows.loc[TTR].get('p_mcnemar_top1'))} "
-              f"({int(rows.loc[TTR].get('mcnemar_c', 0))} images only ttr gets right, "
-              f"{int(rows.loc[TTR].get('mcnemar_b', 0))} only no-ttr). These p-values are for this one run: when "
-              "many datasets, backbones or settings are compared, correct for multiplicity (Holm or "
-              "Benjamini-Hochberg over the runs; `python -m common.report` and `python -m common.study` list "
-              "Holm-adjusted values)."]
+    lines += ["", "These p-values are for this one run: when many datasets, backbones or settings are compared, "
+              "correct for multiplicity (`python -m common.study` applies Holm over the primary metric of its main "
+              "cells; `python -m common.report` over the runs' primary metrics)."]
     warnings = _warnings(state)
     if warnings:
         lines += ["", "**Read with care:**", ""] + [f"- {w}" for w in warnings]
 
-    lines += ["", "## Results", ""] + results_table(metrics, BASELINE, TTR)
-    lines += ["", "Values: the seed ensemble's metric with its 95% percentile bootstrap interval "
-              f"({config['bootstrap_resamples']} resamples of the test set) and, after sd, the standard deviation of "
-              "the per-seed metrics where it is above 0. Rates are fractions; kappa is in [-1, 1]."]
+    rows = metrics.set_index("mode")
+    lines += ["", "## Results", ""] + results_table(metrics, BASELINE, TTR, primary)
+    lines += ["", "Values: the seed ensemble's metric with its 95% interval (Wilson for top-1 and manufacturer "
+              "top-1; otherwise the percentile bootstrap over test images, "
+              f"{config['bootstrap_resamples']} resamples) and, after sd, the standard deviation of the per-seed "
+              "metrics (sd 0: the seeds agree exactly; none with one seed). Differences ttr − no-ttr: Tango's score "
+              "interval and the exact McNemar test for top-1 and manufacturer top-1; the paired percentile bootstrap "
+              f"and a paired permutation test ({config['permutations']} permutations, p ≥ 1/"
+              f"{config['permutations'] + 1}) for the others. Every interval and test here is conditional on the "
+              "fitted probes (it resamples the test images only). Rates are fractions; kappa is in [-1, 1]."]
     auc_classes = rows.loc[TTR].get("auc_classes")
     if auc_classes is not None and np.isfinite(auc_classes):
         lines[-1] += f" AUC averages over the {int(auc_classes)} classes present in the test split."
+    refits = refits_table(metrics, BASELINE, TTR, primary)
+    if refits:
+        lines += ["", f"Probe refits: the whole probe procedure (grid, early stopping, {len(config['probe_seeds'])} "
+                  "seed(s)) rerun for both modes on bootstrap resamples of the training set (the same resample and "
+                  "seeds for both). The combined interval adds the between-refit variance to the test-set variance "
+                  "(normal approximation), so it covers probe retraining as well as the test sample:", ""] + refits
     for extra in [m for m in metrics["mode"] if m not in (BASELINE, TTR) and "(" not in m]:
-        lines += ["", f"Extra mode `{extra}` (docs/intervention.md step 3 alone, R = 0: outliers removed with nowhere to go; "
-                  "not ttr):", ""] + results_table(metrics, BASELINE, extra)
+        lines += ["", f"Extra mode `{extra}` against no-ttr (exploratory; docs/intervention.md):", ""] \
+            + results_table(metrics, BASELINE, extra)
     zero_shot = [m for m in metrics["mode"] if "(zero-shot)" in m]
     if len(zero_shot) == 2:
         lines += ["", "CLIP zero-shot from class-name prompts (no training; prompts in zero_shot_prompts.json), "
-                  "the same paired tests:", ""] + results_table(metrics, *zero_shot)
+                  "the same paired tests (exploratory):", ""] + results_table(metrics, *zero_shot)
     course = [m for m in metrics["mode"] if "(course probe)" in m]
     if len(course) == 2:
         lines += ["", "The course project's saved probes (`--reference_probes`), on this run's raw test features "
@@ -169,6 +274,7 @@ def write_summary(state: RunState, extra_sections: list[str]) -> None:
     for section in extra_sections:
         lines += ["", section]
     write_text(state.options.out / "summary.md", "\n".join(lines) + "\n")
+    return [verdict]
 
 
 def _warnings(state: RunState) -> list[str]:

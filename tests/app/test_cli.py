@@ -177,7 +177,7 @@ CHANCE = {"test_pacemaker.py": 1 / 4, "test_orthonet.py": 1 / 4, "test_aptos.py"
 # `make demo` runs with the full defaults; here the statistics and figures are trimmed (one probe
 # seed, fewer resamples, one figure image) so that the end-to-end runs fit the suite's budget.
 FAST = ["--set", "probe_seeds=(0,)", "--set", "bootstrap_resamples=200", "--set", "figure_images=1",
-        "--set", "analysis_images=16"]
+        "--set", "analysis_images=16", "--set", "probe_refits=1", "--set", "permutations=200"]
 # The end-to-end runs are independent processes: two at a time, one thread each.
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -291,7 +291,12 @@ def test_demo_runs_end_to_end(end_to_end, script, model):
                 f"{name}_diff_hi", f"p_{name}"} <= set(metrics.columns)
     assert (metrics["top1"] >= 2 * CHANCE[script]).all(), metrics["top1"].tolist()
     ttr = metrics.set_index("mode").loc["ttr"]
-    assert 0.0 <= ttr["p_mcnemar_top1"] <= 1.0 and 0.0 <= ttr["p_f1_macro"] <= 1.0
+    assert 0.0 <= ttr["p_top1"] <= 1.0 and 0.0 < ttr["p_f1_macro"] <= 1.0
+    assert (metrics["schema_version"] == 2).all() and config["schema_version"] == 2
+    primary = "qwk" if script == "test_aptos.py" else "top1"
+    assert config["config"]["primary_metric"] == primary and np.isfinite(ttr[f"mde_{primary}"])
+    assert ttr["refits"] == 1 and np.isfinite(ttr[f"{primary}_diff_lo_refit"])
+    assert ttr["top1_discordant_ttr_better"] + ttr["top1_discordant_ttr_worse"] <= ttr["changed_predictions"]
     # one prediction per mode: the predictions file scores the table's top-1
     predictions = pd.read_csv(out / "predictions_ttr.csv")
     splits = pd.read_csv(out / "splits.csv")
@@ -300,7 +305,13 @@ def test_demo_runs_end_to_end(end_to_end, script, model):
     summary = (out / "summary.md").read_text()
     assert "synthetic" in summary.lower() and "planted" in summary.lower()
     answer = summary.split("## The answer", 1)[1].split("## Results", 1)[0]
-    assert "Top-1 accuracy:" in answer and "5% level" in answer and "95% CI" in answer
+    label = "Quadratic weighted kappa" if primary == "qwk" else "Top-1 accuracy"
+    verdict = next(line for line in answer.splitlines() if line.strip())
+    assert verdict.startswith(f"**{label} (primary metric): ") and "probe refits" in verdict
+    assert "Secondary metrics (exploratory" in answer
+    # the terminal ends with the same verdict, then where the summary is
+    last = result.stdout.strip().splitlines()[-2:]
+    assert last[0] == verdict.strip("*") and last[1].startswith("done: ")
     assert summary.index("## The answer") < summary.index("## Results")
     # the planted outliers are attention sinks: ttr moves CLS attention onto the register
     outliers = pd.read_csv(out / "outliers.csv").set_index("mode")

@@ -179,3 +179,17 @@ def test_shards_are_disjoint_slices_covering_the_grid(tmp_path):
     for bad in ("0/4", "5/4", "2", "a/b", "2/0", "-1/3"):
         with pytest.raises(UserError, match="SLURM_ARRAY_TASK_ID"):
             parse_shard(bad)
+
+
+def test_main_cells_are_the_axes_at_their_main_values(tmp_path):
+    """A main cell has every axis at the configured value where the grid lists it (neurons:
+    detected), else at the first value given; the study's Holm family is their primary metric."""
+    request = _request(tmp_path, "--axes", "normal_values=mean,zero", "top_k=7,9", "backbone_size=vitl14,vitl14_reg",
+                       data=("aptos",))
+    cells, _ = plan_grid(request)
+    main = [cell.name for cell in cells if cell.main]
+    # normal_values: configured zero (listed second); top_k: the configured 20 / 50 are not listed -> 7;
+    # backbone_size: configured vitl14 (dinov2 only)
+    assert main == ["aptos_clip_normal_values-zero_top_k-7", "aptos_dinov2_normal_values-zero_top_k-7_backbone_size-vitl14"]
+    assert len(cells) == 12
+    assert all(cell.main for cell in plan_grid(_request(tmp_path))[0])   # no axes: every cell is a main cell

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 
 from common.app.runstate import RunState
-from common.app.scoring import score, train_probes
+from common.app.scoring import probe_config, score, train_probes
 from common.app.settings import DatasetSpec, RunOptions, resolve_config
 from common.data.registry import Dataset
 from common.distributed import Dist
+from common.evaluation.probe import fit_probes
 from common.registers.features import FeatureSet
 
 CLASSES = ["0 - No DR", "1 - Mild", "2 - Moderate"]
@@ -33,7 +34,8 @@ def state(tmp_path) -> RunState:
             rows = table["split"].to_numpy() == split
             features[(mode, split)] = FeatureSet(X[rows].astype(np.float32), np.zeros((rows.sum(), 8), np.float32))
     config = resolve_config("clip", ["probe_seeds=(0, 1)", "probe_max_epochs=40", "bootstrap_resamples=50",
-                                     "probe_lr_grid=(0.01,)", "probe_weight_decay_grid=(0.0001,)"])
+                                     "probe_lr_grid=(0.01,)", "probe_weight_decay_grid=(0.0001,)", "probe_refits=0",
+                                     "permutations=50"])
     out = tmp_path / "out"
     out.mkdir()
     run = RunState(spec=DatasetSpec("aptos", "APTOS 2019", qwk=True), options=RunOptions("clip", None, out),
@@ -62,6 +64,25 @@ def test_files_agree_with_the_probabilities(state):
         accuracy = float(np.mean(mean.argmax(axis=1) == truth))
         assert metrics.set_index("mode").loc[mode, "top1"] == pytest.approx(accuracy)
     assert metrics.set_index("mode").loc["ttr", "top1"] == 1.0
+    # APTOS: the primary metric is quadratic weighted kappa; no refits asked for
+    assert "mde_qwk" in metrics.columns and (metrics["refits"] == 0).all() and not state.refit_probabilities
+
+
+def test_probe_refits_train_both_modes_on_the_same_resamples(state):
+    state.config["probe_refits"] = 2
+    probabilities = train_probes(state)
+    refits = state.refit_probabilities
+    assert set(refits) == {"no-ttr", "ttr"} and all(r.shape == (2, 12, 3) for r in refits.values())
+    assert state.timings["probe_refits"] >= 0
+    # refit 1 of ttr, by hand: the probe procedure on the documented training resample
+    rows = np.random.default_rng([state.config["seed"], 2]).integers(0, 36, size=(2, 36))[1]
+    train = state.dataset.table.query("split == 'train'")["label"].to_numpy()
+    val = state.dataset.table.query("split == 'val'")["label"].to_numpy()
+    X = {split: state.features[("ttr", split)].pooled for split in ("train", "val", "test")}
+    proba, _ = fit_probes(X["train"][rows], train[rows], X["val"], val, X["test"], 3, probe_config(state.config))
+    np.testing.assert_allclose(refits["ttr"][1], proba.astype(np.float64).mean(axis=0), rtol=1e-6)
+    metrics = score(state, probabilities).set_index("mode")
+    assert metrics.loc["ttr", "refits"] == 2 and np.isfinite(metrics.loc["ttr", "qwk_diff_lo_refit"])
 
 
 def test_a_probe_stopped_by_max_epochs_is_noted(state):

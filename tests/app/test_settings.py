@@ -18,7 +18,9 @@ from common.app.settings import (
     base_config,
     parse_key_values,
     parse_value,
+    DatasetSpec,
     resolve_config,
+    resolve_primary_metric,
     resolve_workers,
     validate,
     validate_for_model,
@@ -134,6 +136,10 @@ def test_unknown_key_lists_the_valid_ones_and_hints_at_model_keys():
     ("clip", "val_fraction=1.2", "each must be in (0, 1) and their sum below 1"),
     ("clip", "extra_modes=bogus", "'bogus' is not an extra mode; valid: no-ttr-removed"),
     ("clip", "probe_lr_grid=(0, 1e-3)", "probe_lr_grid=(0, 0.001): expected positive numbers"),
+    ("clip", "probe_refits=-1", "probe_refits=-1: it must be at least 0"),
+    ("clip", "permutations=0", "permutations=0: it must be at least 1"),
+    ("clip", "primary_metric=accuracy", "primary_metric='accuracy': use auto (the dataset's, configs.PRIMARY_METRIC) "
+                                        "or one of top1, top3, f1_macro"),
     ("dinov2", "backbone_size=vitx99", "backbone_size 'vitx99' is unknown"),
     ("dinov2", "zero_shot=true", "--zero_shot needs a backbone with a text tower (clip); dinov2 has none"),
 ])
@@ -181,6 +187,23 @@ def test_resolve_workers(monkeypatch):
     assert resolve_workers(3, "cuda") == 3
     monkeypatch.setattr(settings.os, "cpu_count", lambda: 1)
     assert resolve_workers("auto", "cpu") == 0 and resolve_workers("auto", "cuda") == 0
+
+
+def test_the_primary_metric_per_dataset_and_overridden():
+    aptos = DatasetSpec("aptos", "APTOS 2019", qwk=True)
+    pacemaker = DatasetSpec("pacemaker", "Pacemaker", manufacturer=True)
+    orthonet = DatasetSpec("orthonet", "OrthoNet")
+    manifest = DatasetSpec("manifest", "a manifest")
+    auto = resolve_config("clip")
+    assert auto["primary_metric"] == "auto" and configs.RUN_DEFAULTS["probe_refits"] == 20
+    assert [resolve_primary_metric(auto, s) for s in (aptos, pacemaker, orthonet, manifest)] == \
+        ["qwk", "top1", "top1", "top1"]
+    assert resolve_primary_metric(resolve_config("clip", ["primary_metric=f1_macro"]), orthonet) == "f1_macro"
+    assert resolve_primary_metric(resolve_config("clip", ["primary_metric=manufacturer_top1"]), pacemaker) == \
+        "manufacturer_top1"
+    for metric, spec in (("qwk", orthonet), ("manufacturer_top1", aptos)):
+        with pytest.raises(UserError, match=f"primary_metric='{metric}': .* does not report it; use one of top1"):
+            resolve_primary_metric(resolve_config("clip", [f"primary_metric={metric}"]), spec)
 
 
 def test_the_command_line_answers_without_importing_torch():

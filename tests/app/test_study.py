@@ -251,7 +251,11 @@ def test_failing_cell_is_reported_and_the_study_goes_on(tmp_path, capsys):
     assert f"aptos_clip_normal_values-zero: exit 2: {failed['error']}" in text
     paper = pd.read_csv(out / "report" / "paper_table.csv")
     assert paper["cell"].unique().tolist() == ["aptos_clip_normal_values-mean"]
-    assert set(paper["family_size"]) == {1}
+    # the main cell (normal_values=zero, the configured value) failed: the finished one is a
+    # sensitivity cell, exploratory, and the Holm family is empty
+    assert [c["main"] for c in record["cells"]] == [True, False]
+    assert set(paper["family"]) == {"exploratory"} and set(paper["family_size"]) == {0}
+    assert "No main cell finished." in text
     assert (out / "logs" / "aptos_clip_normal_values-zero.log").read_text().count("gone") >= 1
 
 

@@ -65,14 +65,14 @@ def test_forest_plot_draws_every_entry_as_the_table_says():
         assert lo == -hi and hi >= np.nanmax(np.abs(part[["diff_lo", "diff_hi"]].to_numpy()))
     assert [ax.get_xlabel() for ax in panels] == ["ttr − no-ttr (fraction)", "ttr − no-ttr (kappa)"]
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["probe", "zs", "filled: Holm-adjusted p < 0.05", "open: Holm-adjusted p ≥ 0.05"]
+    assert legend == ["probe", "zs", "filled: Holm-adjusted p < 0.05", "open: Holm-adjusted p ≥ 0.05, or outside the Holm family"]
 
 
 def test_one_group_has_no_colour_legend(tmp_path):
     table = _table().assign(group="probe")
     fig = forest_plot(table, ["top1"], "title", groups={"probe": "probe", "zero-shot": "zs"})
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["filled: Holm-adjusted p < 0.05",
-                                                                  "open: Holm-adjusted p ≥ 0.05"]
+                                                                  "open: Holm-adjusted p ≥ 0.05, or outside the Holm family"]
     save_png(fig, tmp_path / "forest.png")
     with PIL.Image.open(tmp_path / "forest.png") as image:
         assert image.format == "PNG" and image.width > 400

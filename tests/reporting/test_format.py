@@ -22,6 +22,7 @@ from common.reporting.format import (
     p_value,
     percent,
     signed,
+    spread,
 )
 
 MISSING_VALUES = [None, math.nan, np.nan, np.float32("nan"), pd.NA, pd.NaT]
@@ -50,7 +51,10 @@ def test_intervals_and_estimates():
     assert interval(math.nan, 0.5) == "[n/a, 0.500]"
     assert estimate(0.8123, 0.78, 0.84) == "0.812 [0.780, 0.840]"
     assert estimate(0.8123, 0.78, 0.84, sd=0.0123) == "0.812 [0.780, 0.840] sd 0.012"
-    assert estimate(0.8123, 0.78, 0.84, sd=math.nan) == "0.812 [0.780, 0.840]"
+    assert estimate(0.8123, 0.78, 0.84, sd=math.nan) == "0.812 [0.780, 0.840]"     # one seed: no spread
+    assert estimate(0.8123, 0.78, 0.84, sd=0.0) == "0.812 [0.780, 0.840] sd 0"     # the seeds agree exactly
+    assert estimate(0.8123, 0.78, 0.84, sd=0.0003) == "0.812 [0.780, 0.840] sd < 0.001"
+    assert spread(0.0006) == "sd 0.001" and spread(None) == ""
     assert estimate(-0.03, -0.06, -0.01, sign=True) == "-0.030 [-0.060, -0.010]"
 
 
@@ -58,9 +62,8 @@ def test_p_values_follow_one_rule_and_are_never_a_bare_zero():
     assert p_value(0.012) == "0.012" and p_value(0.74) == "0.740" and p_value(1.0) == "1.000"
     assert p_value(0.001) == "0.001"
     assert p_value(0.00099) == "< 0.001" and p_value(1e-12) == "< 0.001"
-    assert p_value(0.0) == "< 2/B"   # a bootstrap p of 0: no resample reached 0
-    assert p_value(np.float64(0.0)) == "< 2/B"
-    assert p_text(0.012) == "p = 0.012" and p_text(1e-5) == "p < 0.001" and p_text(0.0) == "p < 2/B"
+    assert p_value(0.0) == p_value(np.float64(0.0)) == "< 0.001"   # no test gives 0; never written bare
+    assert p_text(0.012) == "p = 0.012" and p_text(1e-5) == "p < 0.001"
     assert p_text(math.nan) == "p = n/a"
     for p in [0.0, 1e-9, 4e-4, 0.0006, 0.002]:
         assert p_value(p).strip("< ") not in ("0", "0.000"), p

@@ -13,7 +13,7 @@ from common.reporting.studyreport import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FILES = ["calibration.csv", "calibration.png", "cells.csv", "mcnemar.csv", "neuron_overlap.csv", "outliers.csv",
+FILES = ["calibration.csv", "calibration.png", "cells.csv", "neuron_overlap.csv", "outliers.csv",
          "outliers.png", "paper_table.csv", "paper_table.png", "per_class.csv", "per_class_aptos.png",
          "per_class_orthonet.png", "per_class_pacemaker.png", "report.md", "scores_by_layer_dinov2_vitl14.png",
          "skipped.csv"]
@@ -25,6 +25,7 @@ def test_write_report_files(fake_study):
     assert list(cells["name"]) == [c["name"] for c in fake_study["cells"]]
     assert list(cells["status"]) == ["done"] * 4 + ["failed"] and list(cells["top_k"].iloc[:4]) == [0, 1, 2, 3]
     assert pd.isna(cells["top_k"].iloc[4])    # the failed cell has no top_k setting: n/a
+    assert list(cells["main"]) == [True, True, True, False, True]
     skipped = pd.read_csv(fake_study["out"] / "skipped.csv")
     assert skipped.to_dict("records") == fake_study["record"]["skipped"]
 

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 from common.errors import UserError
-from common.reporting.study_read import detected_rankings, read_cells, read_predictions
+from common.evaluation.compare import evaluate_modes
+from common.evaluation.metrics import MetricSpec
+from common.reporting.study_read import detected_rankings, main_cells, read_cells, read_predictions
 
 
 def test_only_finished_cells_are_read(fake_study):
@@ -70,3 +72,41 @@ def test_one_ranking_per_detection(fake_study):
     # cells run with the published neurons have no ranking of their own
     runs[1].neurons = {**runs[1].neurons, "source": "paper"}
     assert [r.dataset for r in detected_rankings(runs)] == ["aptos", "pacemaker"]
+
+
+def test_main_cells_and_primary_metrics(fake_study):
+    runs, _ = read_cells(fake_study["record"])
+    assert [(r.name, r.main, r.primary) for r in runs] == [
+        ("aptos_dinov2_0", True, "qwk"), ("orthonet_dinov2_1", True, "top1"), ("pacemaker_dinov2_2", True, "top1"),
+        ("aptos_dinov2_3", False, "qwk")]
+    # a study record written before cells were marked: per (dataset, model) the cell without settings,
+    # else its first cell
+    cells = [{"name": n, "dataset": d, "model": "clip", "settings": s} for n, d, s in
+             (("a1", "aptos", {"top_k": "5"}), ("a0", "aptos", {}), ("o1", "orthonet", {"top_k": "5"}),
+              ("o2", "orthonet", {"top_k": "9"}))]
+    assert main_cells(cells) == {"a0", "o1"}
+
+
+def test_a_cell_of_an_older_schema_is_recomputed_from_its_predictions(fake_study, tmp_path):
+    """The first cell's metrics.csv as an older version wrote it (no schema_version, a bootstrap p of
+    0): read back, its statistics are evaluate_modes' on its predictions files, seed spread kept."""
+    source = Path(fake_study["cells"][0]["folder"])
+    folder = tmp_path / "old_cell"
+    shutil.copytree(source, folder)
+    old = pd.read_csv(source / "metrics.csv").drop(columns=["schema_version"])
+    old.loc[old["mode"] == "ttr", "p_f1_macro"] = 0.0
+    old.to_csv(folder / "metrics.csv", index=False)
+    record = {**fake_study["record"], "cells": [{**fake_study["cells"][0], "folder": str(folder)}]}
+    (run,), notes = read_cells(record)
+    assert notes == [] and run.recomputed
+    labels, proba = {}, {}
+    for mode in ("no-ttr", "ttr"):
+        names, true, _, p = read_predictions(folder / f"predictions_{mode}.csv")
+        labels[mode], proba[mode] = true, p[None]
+    expected = evaluate_modes(labels["ttr"], proba, MetricSpec(len(names), qwk=True), n_boot=100, n_perm=50, seed=0,
+                              primary="qwk").set_index("mode")
+    for column in ("qwk_diff_lo", "p_qwk", "p_f1_macro", "top1_lo", "p_top1", "mde_qwk"):
+        assert run.metrics.loc["ttr", column] == pytest.approx(expected.loc["ttr", column]), column
+    assert run.metrics.loc["ttr", "p_f1_macro"] > 0                         # the old 0 is gone
+    assert run.metrics.loc["ttr", "top1_seed_sd"] == pytest.approx(old.set_index("mode").loc["ttr", "top1_seed_sd"])
+    assert (run.metrics["schema_version"] == 2).all()

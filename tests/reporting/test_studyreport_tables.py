@@ -46,32 +46,35 @@ def _predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndar
     return classes, y, predicted, frame[[f"p[{c}]" for c in classes]].to_numpy()
 
 
-def test_holm_over_the_grid_by_hand(fake_study):
+def test_holm_runs_over_the_primary_metric_of_the_main_cells(fake_study):
     table = pd.read_csv(fake_study["out"] / "paper_table.csv")
-    probe = table[(table["comparison"] == "probe") & (table["metric"] == "top1")]
-    assert list(probe["p"]) == [0.01, 0.04, 0.03, 0.005]     # the chosen p-values
-    # by hand: 0.005*4 = 0.02; 0.01*3 = 0.03; 0.03*2 = 0.06; 0.04*1 = 0.04 -> running max 0.06
-    assert list(probe["p_holm"]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert set(probe["family_size"]) == {4}
-    zero = table[(table["comparison"] == "zero-shot") & (table["metric"] == "top1")]
-    # the zero-shot rows are their own family: two cells have a p-value (one NaN, one without rows)
-    assert list(zero["cell"]) == ["aptos_dinov2_0", "pacemaker_dinov2_2", "aptos_dinov2_3"]
-    assert list(zero["p_holm"].iloc[:2]) == pytest.approx(holm_by_hand([0.2, 0.01]))
-    assert math.isnan(zero["p_holm"].iloc[2]) and set(zero["family_size"]) == {2}
-    for (kind, metric), part in table.groupby(["comparison", "metric"]):
-        assert list(part["p_holm"]) == pytest.approx(holm_by_hand(list(part["p"])), nan_ok=True), (kind, metric)
-    # qwk only on the two APTOS cells, manufacturer top-1 only on the Pacemaker cell
+    family = table[table["family"] == "primary, main cells"]
+    # the three main cells' primary metrics: aptos qwk, orthonet top-1, pacemaker top-1
+    assert list(zip(family["cell"], family["metric"])) == [("aptos_dinov2_0", "qwk"), ("orthonet_dinov2_1", "top1"),
+                                                           ("pacemaker_dinov2_2", "top1")]
+    assert list(family["p"]) == [0.004, 0.04, 0.03]             # the chosen p-values
+    # by hand: 0.004*3 = 0.012; 0.03*2 = 0.06; 0.04*1 = 0.04 -> running max 0.06
+    assert list(family["p_holm"]) == pytest.approx([0.012, 0.06, 0.06])
+    assert list(family["p_holm"]) == pytest.approx(holm_by_hand(list(family["p"])))
+    assert set(family["family_size"]) == {3} and family["main"].all() and family["primary"].all()
+    # the verdict on the Holm-adjusted p: the first is significant, in the direction of its difference
+    first = family.iloc[0]
+    assert first["verdict"] == ("better" if first["diff"] > 0 else "worse")
+    assert set(family["verdict"].iloc[1:]) == {"no detectable"}
+    # everything else is exploratory and unadjusted: the sensitivity cell's primary metric (p = 0.005),
+    # the secondary metrics, the zero-shot comparisons
+    others = table[table["family"] != "primary, main cells"]
+    assert set(others["family"]) == {"exploratory"}
+    assert others["p_holm"].isna().all() and (others["family_size"] == 0).all()
+    sensitivity = others[(others["cell"] == "aptos_dinov2_3") & (others["metric"] == "qwk") &
+                         (others["comparison"] == "probe")].iloc[0]
+    assert sensitivity["p"] == 0.005 and not sensitivity["main"] and sensitivity["primary"]
     assert set(table.loc[table["metric"] == "qwk", "dataset"]) == {"aptos"}
-    assert set(table.loc[(table["metric"] == "qwk") & (table["comparison"] == "probe"), "family_size"]) == {2}
     assert set(table.loc[table["metric"] == "manufacturer_top1", "cell"]) == {"pacemaker_dinov2_2"}
-    mcnemar = pd.read_csv(fake_study["out"] / "mcnemar.csv")
-    for kind, part in mcnemar.groupby("comparison"):
-        assert list(part["p_holm"]) == pytest.approx(holm_by_hand(list(part["p"])))
 
 
-def test_paper_table_and_mcnemar_are_the_cells_metrics(fake_study):
+def test_paper_table_holds_the_cells_metrics(fake_study):
     table = pd.read_csv(fake_study["out"] / "paper_table.csv")
-    mcnemar = pd.read_csv(fake_study["out"] / "mcnemar.csv")
     assert list(table["top_k"].drop_duplicates()) == [0, 1, 2, 3]   # the axis setting of each cell
     for name, folder in _done(fake_study):
         metrics = pd.read_csv(folder / "metrics.csv").set_index("mode")
@@ -88,17 +91,18 @@ def test_paper_table_and_mcnemar_are_the_cells_metrics(fake_study):
                 for ours, theirs in (("diff", f"{metric}_diff"), ("diff_lo", f"{metric}_diff_lo"),
                                      ("diff_hi", f"{metric}_diff_hi"), ("p", f"p_{metric}")):
                     assert rows.loc[metric, ours] == pytest.approx(metrics.loc[mode, theirs], nan_ok=True)
-            row = mcnemar[(mcnemar["cell"] == name) & (mcnemar["comparison"] == kind)].iloc[0]
-            assert (row["only_ttr_right"], row["only_no_ttr_right"]) == (metrics.loc[mode, "mcnemar_c"],
-                                                                         metrics.loc[mode, "mcnemar_b"])
-            assert row["p"] == pytest.approx(metrics.loc[mode, "p_mcnemar_top1"])
+                assert rows.loc[metric, "test"] == ("exact McNemar" if metric in ("top1", "manufacturer_top1")
+                                                    else "permutation")
+            assert rows.loc["top1", "discordant_ttr_better"] == metrics.loc[mode, "top1_discordant_ttr_better"]
+            assert rows.loc["top1", "discordant_ttr_worse"] == metrics.loc[mode, "top1_discordant_ttr_worse"]
+            assert math.isnan(rows.loc["f1_macro", "discordant_ttr_better"])
 
 
 def test_per_class_and_calibration_from_the_predictions_files(fake_study):
     per_class = pd.read_csv(fake_study["out"] / "per_class.csv")
     calibration = pd.read_csv(fake_study["out"] / "calibration.csv")
-    for name, folder in _done(fake_study):
-        recalls, f1s = {}, {}
+    for index, (name, folder) in enumerate(_done(fake_study)):
+        recalls, f1s, probabilities, labels_of = {}, {}, {}, {}
         for mode, file in FILES.items():
             if not (folder / file).is_file():
                 continue
@@ -114,6 +118,7 @@ def test_per_class_and_calibration_from_the_predictions_files(fake_study):
             assert row["ece"] == pytest.approx(ece, abs=1e-12)
             assert row["brier"] == pytest.approx(((p - np.eye(len(classes))[y]) ** 2).sum(axis=1).mean())
             assert row["accuracy"] == pytest.approx(np.mean(y == predicted)) and row["n"] == len(y)
+            probabilities[mode], labels_of[mode] = p, y
         for kind, base, mode in COMPARISONS:
             rows = per_class[(per_class["cell"] == name) & (per_class["comparison"] == kind)]
             if mode not in recalls:
@@ -122,6 +127,17 @@ def test_per_class_and_calibration_from_the_predictions_files(fake_study):
             assert list(rows["class"]) == classes
             assert rows["recall_delta"].to_numpy() == pytest.approx(recalls[mode] - recalls[base])
             assert rows["f1_delta"].to_numpy() == pytest.approx(f1s[mode] - f1s[base])
+            # the change of the Brier score with its paired bootstrap interval, by a loop over the
+            # documented resamples (the cell's seed and bootstrap_resamples = 100)
+            y = labels_of[base]
+            per_row = {m: ((probabilities[m] - np.eye(probabilities[m].shape[1])[y]) ** 2).sum(axis=1)
+                       for m in (base, mode)}
+            idx = np.random.default_rng(index).integers(0, len(y), size=(100, len(y)))
+            diffs = np.sort([per_row[mode][r].mean() - per_row[base][r].mean() for r in idx])
+            row = calibration[(calibration["cell"] == name) & (calibration["mode"] == mode)].iloc[0]
+            assert row["brier_diff"] == pytest.approx(per_row[mode].mean() - per_row[base].mean())
+            assert (row["brier_diff_lo"], row["brier_diff_hi"]) == pytest.approx((diffs[2], diffs[-3]))  # j = 3 of 100
+            assert row["ece_diff_lo"] <= row["ece_diff"] <= row["ece_diff_hi"]
 
 
 def test_per_class_scores_of_absent_classes():
@@ -160,13 +176,14 @@ def test_neuron_overlap_between_datasets_and_with_the_published_set(fake_study):
     assert row["jaccard"] == pytest.approx(len(chosen & paper) / len(chosen | paper))
     rank = {(l, n): i + 1 for i, (l, n, _) in enumerate(first["ranked"])}
     assert row["paper_median_rank"] == pytest.approx(np.median([rank[k] for k in paper if k in rank]))
-    # between datasets: Jaccard of the selections and Spearman of the full score vectors (pandas' own rank
-    # correlation, not the report's scipy call)
+    # between datasets: Jaccard of the selections and Spearman of the scores over the union of the two
+    # selections (pandas' own rank correlation, not the report's scipy call)
     other = cells["orthonet_dinov2_1"]
     pair = overlap[(overlap["set_a"] == "aptos") & (overlap["set_b"] == "orthonet")].iloc[0]
     chosen_b = {(int(l), n) for l, ids in other["selected"].items() for n in ids}
     assert pair["jaccard"] == pytest.approx(len(chosen & chosen_b) / len(chosen | chosen_b))
-    a = pd.Series({(l, n): s for l, n, s in first["ranked"]})
-    b = pd.Series({(l, n): s for l, n, s in other["ranked"]})
-    assert pair["spearman_rho"] == pytest.approx(a.corr(b[a.index], method="spearman"))
-    assert pair["spearman_n"] == len(a)
+    union = sorted(chosen | chosen_b)
+    a = pd.Series({(l, n): s for l, n, s in first["ranked"]})[union]
+    b = pd.Series({(l, n): s for l, n, s in other["ranked"]})[union]
+    assert pair["spearman_rho"] == pytest.approx(a.corr(b, method="spearman"))
+    assert pair["spearman_n"] == len(union) < len(first["ranked"])

@@ -1,6 +1,6 @@
-"""``summary.md``'s verdict sentences and results table (common/reporting/summary.py), from tables
-written by hand and from ``evaluate_modes``; the whole summary of a run is checked end to end in
-``tests/app/test_cli.py``."""
+"""``summary.md``'s answer (the primary metric's verdict), the secondary lines and the results
+table (common/reporting/summary.py), from tables written by hand and from ``evaluate_modes``; the
+whole summary of a run is checked end to end in ``tests/app/test_cli.py``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from common.errors import UserError
-from common.evaluation.metrics import METRICS, MetricSpec, evaluate_modes
-from common.reporting.summary import results_table, verdicts
+from common.evaluation.compare import evaluate_modes
+from common.evaluation.metrics import METRICS, MetricSpec
+from common.reporting.summary import answer, refits_table, results_table, secondary
 
 
 def make_proba(y: np.ndarray, c: int, seed: int, signal: float = 1.0) -> np.ndarray:
@@ -22,91 +23,109 @@ def make_proba(y: np.ndarray, c: int, seed: int, signal: float = 1.0) -> np.ndar
     return (p / p.sum(axis=-1, keepdims=True))[None]
 
 
-def _row(**values) -> dict:
-    return {"mode": "ttr", **values}
+TTR_ROW = dict(mode="ttr", changed_predictions=20, refits=0,
+               top1_diff=0.04, top1_diff_lo=0.012, top1_diff_hi=0.067, p_top1=0.0118,
+               top1_discordant_ttr_better=14, top1_discordant_ttr_worse=6, mde_top1=0.05, mde_basis="observed",
+               mde_discordance=0.1,
+               f1_macro_diff=-0.0412, f1_macro_diff_lo=-0.07, f1_macro_diff_hi=-0.011, p_f1_macro=0.004,
+               qwk_diff=-0.004, qwk_diff_lo=-0.030, qwk_diff_hi=0.021, p_qwk=0.74, qwk_diff_se=0.013)
 
 
-def test_verdict_sentences():
-    table = pd.DataFrame([
-        {"mode": "no-ttr"},
-        _row(top1_diff=0.031, top1_diff_lo=0.008, top1_diff_hi=0.054, p_top1=0.012,
-             p_mcnemar_top1=0.02, mcnemar_b=6, mcnemar_c=14,
-             f1_macro_diff=-0.0412, f1_macro_diff_lo=-0.07, f1_macro_diff_hi=-0.011, p_f1_macro=0.004,
-             qwk_diff=-0.004, qwk_diff_lo=-0.030, qwk_diff_hi=0.021, p_qwk=0.74,
-             auc_macro_diff=0.05, auc_macro_diff_lo=0.02, auc_macro_diff_hi=0.08, p_auc_macro=0.0),
-    ])
-    assert verdicts(table) == [
-        "Top-1 accuracy: ttr is better than no-ttr by +0.031 (95% CI [+0.008, +0.054], paired bootstrap "
-        "p = 0.012).",
-        "Macro F1: ttr is worse than no-ttr by 0.041 (difference -0.041, 95% CI [-0.070, -0.011], "
-        "paired bootstrap p = 0.004).",
-        "Macro one-vs-rest AUC: ttr is better than no-ttr by +0.050 (95% CI [+0.020, +0.080], "
-        "paired bootstrap p < 2/B, no resample reached 0).",
-        "Quadratic weighted kappa: no detectable difference between ttr and no-ttr at the 5% level "
-        "(difference -0.004, 95% CI [-0.030, +0.021], paired bootstrap p = 0.740).",
-    ]
-    # alpha moves the decision (the quoted interval stays the 95% one)
-    assert "no detectable difference" in verdicts(table, alpha=0.01)[0]
-    assert "at the 1% level" in verdicts(table, alpha=0.01)[0]
+def table_of(**changes) -> pd.DataFrame:
+    return pd.DataFrame([{"mode": "no-ttr"}, {**TTR_ROW, **changes}])
 
 
-def test_verdicts_agree_with_the_interval_they_quote():
-    rng = np.random.default_rng(17)
-    spec = MetricSpec(4, qwk=True)
-    seen = set()
-    for k, shift in enumerate((0.0, 0.3, 0.6, 1.0)):
-        y = rng.integers(0, 4, 80)
-        table = evaluate_modes(y, {"no-ttr": make_proba(y, 4, 100 + k), "ttr": make_proba(y, 4, 200 + k, 1.0 + shift)},
-                               spec, n_boot=200, seed=k)
-        for sentence in verdicts(table):
-            lo, hi = (float(x) for x in sentence.split("95% CI [")[1].split("]")[0].split(", "))
-            assert ("no detectable" in sentence) == (lo <= 0 <= hi), sentence
-            seen.add("no detectable" in sentence)
-    assert seen == {True, False}
+def test_the_answer_is_about_the_primary_metric_and_prints_the_discordant_counts():
+    sentence = answer(table_of(), "top1")
+    assert sentence == ("Top-1 accuracy (primary metric): ttr is better than no-ttr: +0.040, 95% CI [+0.012, +0.067] "
+                        "(Tango score interval), exact McNemar p = 0.012; ttr right where no-ttr wrong: 14, the "
+                        "reverse: 6.")
+    worse = answer(table_of(top1_diff=-0.04, top1_diff_lo=-0.067, top1_diff_hi=-0.012,
+                            top1_discordant_ttr_better=6, top1_discordant_ttr_worse=14), "top1")
+    assert "ttr is worse than no-ttr: -0.040" in worse and "ttr right where no-ttr wrong: 6, the reverse: 14" in worse
 
 
-def test_identical_modes_and_an_untestable_metric():
+def test_no_detectable_difference_states_the_smallest_detectable_one():
+    sentence = answer(table_of(p_top1=0.2), "top1")
+    assert "no detectable difference between ttr and no-ttr at the 5% level" in sentence
+    assert ("The smallest difference this test detects with 80% power is ±0.050 (exact McNemar at the observed "
+            "discordance rate, 0.100)") in sentence
+    unchanged = answer(table_of(p_top1=1.0, top1_diff=0.0, top1_diff_lo=-0.113, top1_diff_hi=0.113,
+                                top1_discordant_ttr_better=0, top1_discordant_ttr_worse=0, changed_predictions=0,
+                                mde_basis="probe seeds", mde_discordance=0.05), "top1")
+    assert "no test prediction changed" in unchanged and "[-0.113, +0.113]" in unchanged
+    assert "discordance rate between probe seeds, 0.050" in unchanged
+    kappa = answer(table_of(mde_qwk=0.036, mde_basis="bootstrap SE"), "qwk")
+    assert kappa.startswith("Quadratic weighted kappa (primary metric): no detectable difference")
+    assert "paired permutation test p = 0.740" in kappa and "±0.036" in kappa
+
+
+def test_a_difference_that_does_not_survive_probe_retraining_is_not_robust():
+    refits = dict(refits=20, top1_refit_mean=0.01, top1_refit_sd=0.03, top1_refit_share_better=0.6,
+                  top1_diff_lo_refit=-0.02, top1_diff_hi_refit=0.10)
+    sentence = answer(table_of(**refits), "top1")
+    assert "not robust to probe retraining" in sentence and "is better" not in sentence
+    assert ("Over 20 probe refits on bootstrap resamples of the training set the difference is +0.010 on average "
+            "(SD 0.030, ttr better in 60.0%); the combined 95% CI (test set + probe retraining) is "
+            "[-0.020, +0.100].") in sentence
+    robust = answer(table_of(**{**refits, "top1_diff_lo_refit": 0.004}), "top1")
+    assert "ttr is better than no-ttr" in robust
+
+
+def test_secondary_metrics_carry_no_verdict_words():
+    lines = secondary(table_of(), "top1")
+    assert lines == ["Macro F1: -0.041, 95% CI [-0.070, -0.011] (paired bootstrap of the test images), paired "
+                     "permutation test p = 0.004.",
+                     "Quadratic weighted kappa: -0.004, 95% CI [-0.030, +0.021] (paired bootstrap of the test images), "
+                     "paired permutation test p = 0.740."]
+    for line in lines:
+        assert not any(word in line for word in ("better", "worse", "detectable"))
+
+
+def test_identical_modes_say_that_no_prediction_changed():
     y = np.random.default_rng(0).integers(0, 5, 120)
     P = make_proba(y, 5, seed=1)
-    same = evaluate_modes(y, {"no-ttr": P, "ttr": P.copy()}, MetricSpec(5, qwk=True), n_boot=100)
-    sentences = verdicts(same)
-    assert len(sentences) == len(METRICS) + 1
-    assert all("no detectable difference" in s and "p = 1.000" in s for s in sentences)
-    one_class = np.zeros(12, dtype=int)  # no class has a positive and a negative: AUC undefined
-    P = make_proba(one_class, 3, seed=2)
-    table = evaluate_modes(one_class, {"no-ttr": P, "ttr": P[:, :, ::-1]}, MetricSpec(3), n_boot=50)
-    auc = [s for s in verdicts(table) if s.startswith("Macro one-vs-rest AUC")]
-    assert auc == ["Macro one-vs-rest AUC: not testable on this test split (the metric is undefined for ttr or "
-                   "no-ttr)."]
+    same = evaluate_modes(y, {"no-ttr": P, "ttr": P.copy()}, MetricSpec(5, qwk=True), n_boot=100, n_perm=50,
+                          primary="qwk")
+    sentence = answer(same, "qwk")
+    assert "no detectable difference" in sentence and "no test prediction changed" in sentence
+    lines = secondary(same, "qwk")
+    assert len(lines) == len(METRICS)
+    top1, others = lines[0], lines[1:]
+    assert top1.startswith("Top-1 accuracy: +0.000, 95% CI [-0.0") and "the reverse: 0" in top1   # Tango has width
+    assert all(line.endswith("+0.000, no test prediction changed.") for line in others if "AUC" not in line)
+    rows = results_table(same, "no-ttr", "ttr", "qwk")
+    assert "| quadratic weighted kappa (primary) |" in rows[-1] and "(no test prediction changed)" in rows[-1]
 
 
-def test_verdicts_refuse_a_missing_mode_or_the_wrong_baseline():
+def test_the_answer_refuses_a_missing_mode_or_the_wrong_baseline():
     y = np.array([0, 1, 2, 1])
     good = np.full((2, 4, 3), 1 / 3)
     spec = MetricSpec(3)
     with pytest.raises(UserError, match="no row for mode 'ttr'"):
-        verdicts(evaluate_modes(y, {"no-ttr": good}, spec, n_boot=10))
-    swapped = evaluate_modes(y, {"no-ttr": good, "ttr": good[::-1]}, spec, n_boot=10, baseline="ttr")
+        answer(evaluate_modes(y, {"no-ttr": good}, spec, n_boot=10, n_perm=10), "top1")
+    swapped = evaluate_modes(y, {"no-ttr": good, "ttr": good[::-1]}, spec, n_boot=10, n_perm=10, baseline="ttr")
     with pytest.raises(UserError, match="'no-ttr' is not the baseline"):
-        verdicts(swapped)
-    assert len(verdicts(swapped, mode="no-ttr", baseline="ttr")) == len(METRICS)
+        answer(swapped, "top1")
+    assert "no detectable difference between no-ttr and ttr" in answer(swapped, "top1", mode="no-ttr", baseline="ttr")
 
 
 def test_results_table_rows():
     y = np.random.default_rng(4).integers(0, 5, 60)
     seeds = np.concatenate([make_proba(y, 5, 7, signal=0.5), make_proba(y, 5, 8, signal=2.0)])
-    table = evaluate_modes(y, {"no-ttr": make_proba(y, 5, 6), "ttr": seeds}, MetricSpec(5, qwk=True), n_boot=100)
-    lines = results_table(table, "no-ttr", "ttr")
-    assert lines[0] == "| metric | no-ttr | ttr | ttr − no-ttr [95% CI] | p (paired bootstrap) |"
+    table = evaluate_modes(y, {"no-ttr": make_proba(y, 5, 6), "ttr": seeds}, MetricSpec(5, qwk=True), n_boot=100,
+                           n_perm=50)
+    lines = results_table(table, "no-ttr", "ttr", "top1")
+    assert lines[0] == "| metric | no-ttr | ttr | ttr − no-ttr [95% CI] | p | test |"
     assert len(lines) == 2 + len(METRICS) + 1 and lines[-1].startswith("| quadratic weighted kappa |")
     rows = table.set_index("mode")
     no, ttr = rows.loc["no-ttr"], rows.loc["ttr"]
     top1 = lines[2].split(" | ")
-    assert top1[0] == "| top-1 accuracy"
-    # no-ttr has one seed (no spread shown); ttr two that differ
+    assert top1[0] == "| top-1 accuracy (primary)"
     assert ttr["top1_seed_sd"] > 0
+    # no-ttr has one seed: no spread shown; ttr two that differ
     assert top1[1] == f"{no['top1']:.3f} [{no['top1_lo']:.3f}, {no['top1_hi']:.3f}]"
     assert top1[2] == f"{ttr['top1']:.3f} [{ttr['top1_lo']:.3f}, {ttr['top1_hi']:.3f}] sd {ttr['top1_seed_sd']:.3f}"
     assert top1[3] == f"{ttr['top1_diff']:+.3f} [{ttr['top1_diff_lo']:+.3f}, {ttr['top1_diff_hi']:+.3f}]"
-    p = ttr["p_top1"]
-    assert top1[4] == ("< 2/B |" if p == 0 else "< 0.001 |" if p < 0.001 else f"{p:.3f} |")
+    assert top1[5] == "exact McNemar |" and lines[3].endswith("| permutation |")
+    assert refits_table(table, "no-ttr", "ttr", "top1") == []      # no refits, no table
