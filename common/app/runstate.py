@@ -53,6 +53,8 @@ class RunState:
     timings: dict[str, float] = field(default_factory=dict)
     course_probes: dict = field(default_factory=dict)     # mode -> common.evaluation.course.CourseProbe
     detection_paths: list[str] | None = None              # the images detection runs on
+    course_features: dict[str, FeatureSet] = field(default_factory=dict)   # mode -> test features, the course's way
+    demo_check: list[str] = field(default_factory=list)   # a demo's summary lines: does it show what it should?
 
     @property
     def main(self) -> bool:
@@ -65,7 +67,8 @@ class RunState:
 
 
 def write_config(state: RunState, status: str) -> None:
-    """config.json of the run (rank 0), with ``status``: running, done, failed or interrupted."""
+    """config.json of the run (rank 0), with ``status``: running, done, failed, interrupted (Ctrl-C)
+    or terminated (SIGTERM)."""
     if not state.main:
         return
     backbone, options = state.backbone, state.options
@@ -109,6 +112,9 @@ def write_config(state: RunState, status: str) -> None:
     if state.probe_choices:
         data["probe_hyperparameters"] = state.probe_choices
         data["probe_not_converged"] = state.not_converged
+    if state.course_features:
+        data["course_probe_features"] = ("test features extracted the course project's way: one zero register token "
+                                          "appended in both modes, the intervention in ttr only")
     if state.bank is not None:
         data["images_decoded"] = state.bank.decodes
     if state.timings:

@@ -110,3 +110,34 @@ def test_results_table_rows():
     assert top1[3] == f"{ttr['top1_diff']:+.3f} [{ttr['top1_diff_lo']:+.3f}, {ttr['top1_diff_hi']:+.3f}]"
     p = ttr["p_top1"]
     assert top1[4] == ("< 2/B |" if p == 0 else "< 0.001 |" if p < 0.001 else f"{p:.3f} |")
+
+
+def test_headline_is_the_first_verdict_as_the_summary_states_it():
+    from common.reporting.summary import headline
+
+    text = ("# APTOS 2019: clip, no-ttr vs ttr\n\n> **Demo run ...**\n\n- a demo check, not a verdict\n\n"
+            "## The answer\n\nDoes moving ...?\n\n- Top-1 accuracy: ttr is better than no-ttr by +0.100 (...).\n"
+            "- Macro F1: no detectable difference (...).\n\n## Results\n\n- not this\n")
+    assert headline(text) == "Top-1 accuracy: ttr is better than no-ttr by +0.100 (...)."
+    assert headline("# a summary without an answer\n\n- x\n") is None
+    assert headline("## The answer\n\nno verdicts\n\n## Results\n- y\n") is None
+
+
+def test_neurons_above_highest_layer_are_reported_not_advised_away():
+    """The method leaves layers above highest_layer out on purpose: the summary names the strong
+    neurons it leaves out and points at the study's highest_layer axis, never says raise it."""
+    from types import SimpleNamespace
+
+    from common.registers.neurons import NeuronRanking
+    from common.reporting.summary import _warnings
+
+    ranking = NeuronRanking(ranked=[(9, 1, 50.0), (3, 2, 40.0), (10, 3, 30.0), (2, 4, 5.0)], threshold=30.0,
+                            detect_layer=-1, detect_layer_index=11, images_used=5, images_counted=5,
+                            max_norm_seen=80.0)
+    state = SimpleNamespace(config={"highest_layer": 5, "top_k": 3}, not_converged=[], ranking=ranking,
+                            dataset=SimpleNamespace(leaks=[]))
+    (note,) = _warnings(state)
+    assert "2 of the top 3 ranked register neurons lie above highest_layer=5" in note
+    assert "50 (layer 9, neuron 1)" in note and "30 (layer 10, neuron 3)" in note
+    assert "on purpose" in note and "`highest_layer` axis" in note
+    assert "raise" not in note.lower()
