@@ -4,10 +4,14 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo study-demo test test-fast bench clean-venv
 
+# The first time this installs torch, open_clip, timm and the rest into .venv (a few minutes, see
+# README.md): pip prints each package as it fetches and installs it, so the wait is never silent.
 $(PY): requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
-	touch $(PY)
+	@test -x $(PY) || { echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "make: installing requirements.txt into $(VENV) (only when it is new or changed; the first time takes a few minutes)"
+	$(PY) -m pip install --progress-bar on -r requirements.txt
+	@touch $(PY)
+	@echo "make: $(VENV) is ready"
 
 # Runs the whole pipeline on synthetic APTOS-layout data with a planted DINOv2-style model.
 demo: $(PY)

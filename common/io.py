@@ -57,11 +57,15 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` through ``write(stream)`` on a temporary file, then rename it into place.
 
     The folder is created when missing.  On any error (also KeyboardInterrupt) the temporary file
-    is removed and ``path`` is left as it was.
+    is removed and ``path`` is left as it was; an ``OSError`` (a full disk, a path too long) is
+    raised naming ``path`` (:func:`naming`), so the one line the user sees says which file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        _reraise(error, path)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -69,10 +73,32 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             os.fsync(stream.fileno())
         os.chmod(temporary, file_mode())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            _reraise(error, path)
         raise
     return path
+
+
+def _reraise(error: OSError, path: Path):
+    named = naming(error, path)
+    if named is error:
+        raise error
+    raise named from error
+
+
+def naming(error: OSError, path: Path) -> OSError:
+    """``error`` naming the file being written: a full disk or a quota raises from a write or a
+    flush with no file name, and a failed temporary file names a name the user never chose.  An
+    error that names another path (a parent folder that cannot be made) keeps it."""
+    named = error.filename
+    if named is not None and not os.path.basename(os.fsdecode(named)).startswith(f".{path.name}."):
+        return error
+    try:
+        return type(error)(error.errno, error.strerror or str(error), str(path))
+    except Exception:  # noqa: BLE001 - an OSError subclass with a constructor of its own: keep it as it is
+        return error
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

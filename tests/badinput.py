@@ -1,8 +1,10 @@
 """The bad-input harness: what a new user gets wrong, and what they see.
 
 A case (:class:`Case`) builds its inputs in a private tmp folder (:class:`Ctx`), runs an entry
-script's ``main(spec, argv)`` in-process (:func:`run_main`; or in a fresh interpreter,
-:func:`run_subprocess`) and :func:`check_common` asserts, besides the case's own particulars:
+point's ``main`` in-process (:func:`run_main`: a dataset script, or ``report``, ``studyreport``,
+``study``; or a dataset script in a fresh interpreter, :func:`run_subprocess`), optionally under a
+simulated fault of the machine (``Case.fault``, monkeypatched for the run only), and
+:func:`check_common` asserts, besides the case's own particulars:
 
 * the exit code (2 for bad input or usage; 0 where skipping with a warning is right);
 * for exit 2: exactly one ``error:`` line, naming the file, value or flag at fault and saying
@@ -283,6 +285,7 @@ class Case:
     xfail: str | None = None
     slow: bool = False
     subprocess: bool = False              # in a fresh process (see run_subprocess)
+    fault: Callable[[Ctx, pytest.MonkeyPatch], None] | None = None   # a fault of the machine, simulated for the run
 
     def param(self):
         marks = []
@@ -293,12 +296,35 @@ class Case:
         return pytest.param(self, id=self.id, marks=marks)
 
 
-def _with_defaults(argv: list[str], ctx: Ctx) -> list[str]:
-    """Every case writes only under its own tmp folder: --out and --cache_dir added if absent."""
+def _entry(script: str) -> Callable[[list[str]], int]:
+    """The ``main(argv)`` of an entry point: a dataset script's name (``pacemaker``), or ``report``
+    (``python -m common.report``), ``studyreport`` or ``study``."""
+    if script == "report":
+        from common.reporting.report import main as report_main
+        return report_main
+    if script == "studyreport":
+        from common.reporting.studyreport import main as studyreport_main
+        return studyreport_main
+    if script == "study":
+        from common.app.study import main as study_main
+        return study_main
+    return lambda argv: main(SPECS[script], argv)
+
+
+# Put in a case's arguments to run without --cache_dir (the default cache; the harness adds a
+# --cache_dir under the case's tmp folder otherwise).
+DEFAULT_CACHE = "<the default cache>"
+
+
+def _with_defaults(argv: list[str], ctx: Ctx, script: str = "pacemaker") -> list[str]:
+    """Every case writes only under its own tmp folder: --out (and for a run --cache_dir, unless
+    :data:`DEFAULT_CACHE`) added if absent (the study report writes into the study folder it is given)."""
     argv = list(argv)
-    if "--out" not in argv:
+    if "--out" not in argv and script != "studyreport":
         argv += ["--out", str(ctx.out)]
-    if "--cache_dir" not in argv:
+    if DEFAULT_CACHE in argv:
+        argv.remove(DEFAULT_CACHE)
+    elif "--cache_dir" not in argv and script in SPECS:
         argv += ["--cache_dir", str(ctx.cache)]
     return argv
 
@@ -306,7 +332,7 @@ def _with_defaults(argv: list[str], ctx: Ctx) -> list[str]:
 def run_main(script: str, argv: list[str], capsys) -> Result:
     capsys.readouterr()
     try:
-        code = main(SPECS[script], argv)
+        code = _entry(script)(argv)
     except SystemExit as exit_:        # argparse's usage errors
         code = exit_.code
     out, err = capsys.readouterr()
@@ -343,6 +369,23 @@ def check_common(case: Case, ctx: Ctx, result: Result, before: dict, after: dict
     if case.advice is not None:
         assert re.search(case.advice, result.message), \
             f"message does not say what to do ({case.advice!r}):\n{result.message[-3000:]}"
+
+
+def lock_holder(folder: Path) -> subprocess.Popen:
+    """Another process holding the lock of ``folder`` (common.locks; it waits until killed, at most
+    10 min): the caller kills it."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from common.locks import FolderLock\n"
+            f"with FolderLock({str(folder)!r}):\n    print('locked', flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def ended_pid() -> int:
+    """The pid of a process of this host that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
 
 
 def splits_bytes(ctx: Ctx) -> bytes:
@@ -417,9 +460,12 @@ def params(cases: list[Case]) -> list:
 def run_case(case: Case, tmp_path: Path, trees: dict[str, Path], capsys) -> Result:
     """Build the case's inputs, run it, and assert what every case must (see the module docstring)."""
     ctx = Ctx(tmp_path, trees)
-    argv = _with_defaults(case.build(ctx), ctx)
+    argv = _with_defaults(case.build(ctx), ctx, case.script)
     before = snapshot(ctx.inp)
-    result = run_subprocess(case.script, argv, tmp_path) if case.subprocess else run_main(case.script, argv, capsys)
+    with pytest.MonkeyPatch.context() as patch:
+        if case.fault is not None:
+            case.fault(ctx, patch)
+        result = run_subprocess(case.script, argv, tmp_path) if case.subprocess else run_main(case.script, argv, capsys)
     after = snapshot(ctx.inp)
     check_common(case, ctx, result, before, after)
     if case.check is not None:

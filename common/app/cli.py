@@ -1,8 +1,9 @@
 """Command line shared by the entry scripts: parsing, config resolution, checks, exit codes.
 
 Exit codes: 0 done; 2 bad input or usage (one line naming the file, value or flag and what to
-do); 1 an unexpected failure (its traceback, then one line); 130 interrupted (see
-:func:`common.errors.run_entry`).
+do), also a fault of the machine on a user's path (a full disk, a path too long) and an ``--out``
+another run is using; 1 an unexpected failure (its traceback, then one line); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM) (see :func:`common.errors.run_entry`).
 
 Everything a user can get wrong is checked before any model work, in this order: flags and
 config values, the output folder, the configured model's layer ranges, a ``--neurons`` file
@@ -12,6 +13,7 @@ against that model, the device, the weights file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -98,8 +100,7 @@ def resolve_config(args: argparse.Namespace, demo: bool = False, **flags) -> dic
     then the dedicated flags (and ``flags``), over the demo's defaults (``demo``)."""
     from common.app.settings import resolve_config as resolve
 
-    given = {flag: getattr(args, flag, None) for flag in ("device", "detect_images", "batch_size", "num_workers",
-                                                         "seed")}
+    given = {flag: getattr(args, flag, None) for flag in FLAG_KEYS}
     return resolve(args.model, args.set, {**given, **flags}, demo=demo)
 
 
@@ -110,17 +111,19 @@ def _default_out(spec: DatasetSpec, what: str) -> Path:
 def _check_data(spec: DatasetSpec, args: argparse.Namespace) -> int:
     from common.app.outdir import prepare_out
     from common.data.registry import check_data_report, load_dataset, write_splits
+    from common.locks import FolderLock
 
     if not args.image_path and not args.manifest:
         raise UserError("--check_data needs --image_path DIR (or --manifest FILE)")
     config = resolve_config(args)
     out = Path(args.out) if args.out else _default_out(spec, "check_data")
     prepare_out(out, dataset=spec.name, model=args.model, check_data=True, image_path=args.image_path)
-    dataset = load_dataset(spec.name, args.image_path, manifest=args.manifest, seed=config["seed"],
-                           val_fraction=config["val_fraction"], test_fraction=config["test_fraction"],
-                           strict=args.strict)
-    print(check_data_report(dataset))
-    write_splits(dataset, out / "splits.csv")
+    with FolderLock(out):
+        dataset = load_dataset(spec.name, args.image_path, manifest=args.manifest, seed=config["seed"],
+                               val_fraction=config["val_fraction"], test_fraction=config["test_fraction"],
+                               strict=args.strict)
+        print(check_data_report(dataset))
+        write_splits(dataset, out / "splits.csv")
     print(f"splits written to {out / 'splits.csv'}")
     return 0
 
@@ -131,13 +134,20 @@ def _command_line(spec: DatasetSpec, argv: list[str]) -> list[str]:
     return [script, *argv]
 
 
+FLAG_KEYS = ("device", "detect_images", "batch_size", "num_workers", "seed")
+
+
 def _options(spec: DatasetSpec, args: argparse.Namespace, out: Path, demo: bool) -> RunOptions:
+    from common.app.settings import set_keys
+
+    given = [pair.key for pair in set_keys(args.set)]
+    given += [key for key in FLAG_KEYS if getattr(args, key, None) is not None]
     return RunOptions(
         model=args.model, image_path=args.image_path, out=out, manifest=args.manifest,
         weights=args.weights, neurons=args.neurons, detect_path=args.detect_path,
         reference_probes=args.reference_probes, no_cache=args.no_cache,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None, strict=args.strict, demo=demo,
-        command_line=_command_line(spec, args.argv),
+        command_line=_command_line(spec, args.argv), overrides=tuple(dict.fromkeys(given)),
     )
 
 
@@ -180,13 +190,14 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
     from common.models.devices import resolve_device
 
     device = resolve_device(config["device"])
-    if distributed.is_main_process():
+    main = distributed.is_main_process()
+    if main:
         prepare_out(out, dataset=spec.name, model=args.model, image_path=args.image_path)
         if not args.no_cache:
             from common.app.outdir import check_cache_dir
-            from common.data.cache import default_cache_dir
+            from common.data.cache import default_cache_source
 
-            check_cache_dir(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+            check_cache_dir(*((Path(args.cache_dir), "--cache_dir") if args.cache_dir else default_cache_source()))
     options = _options(spec, args, out, demo=args.demo)
     if not args.demo:
         # Weights before anything slow: a missing file is reported at once.
@@ -194,8 +205,10 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
 
         options.weights = resolve_weights(args.model, config, options.weights)
     from common.app.run import execute
+    from common.locks import FolderLock
 
-    execute(spec, options, config, device=device, planted=planted, ranking=ranking)
+    with FolderLock(out) if main else contextlib.nullcontext():   # one process per --out (rank 0 holds it)
+        execute(spec, options, config, device=device, planted=planted, ranking=ranking)
     return 0
 
 
@@ -234,14 +247,19 @@ def main(spec: DatasetSpec, argv: list[str] | None = None) -> int:
     args.argv = argv
     setup_logging(args.verbose)
     _safe_streams()
+
     def body() -> int:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         if args.image_path and args.manifest:
             raise UserError("--image_path and --manifest were both given; pass one of them (a manifest's "
                             "relative paths resolve against the CSV's own folder)")
-        if args.describe:
-            return _describe(args)
-        if args.check_data:
-            return _check_data(spec, args)
-        return _run(spec, args, parser)
+        # log lines go through tqdm.write: printed above a progress bar, never glued onto it
+        with logging_redirect_tqdm():
+            if args.describe:
+                return _describe(args)
+            if args.check_data:
+                return _check_data(spec, args)
+            return _run(spec, args, parser)
 
     return run_entry(body, interrupted="what was complete is cached; run the same command again to resume")

@@ -2,22 +2,21 @@
 metrics -> figures -> summary.
 
 Each image is decoded once (:class:`common.data.imagebank.ImageBank`); detection, features and the
-analysis statistics are cached under keys of everything that changes them (:func:`cached_stage`),
-so a re-run with the same inputs recomputes nothing and an interrupted run resumes from what was
-complete.  Under torchrun, decoding, detection and extraction are split over the ranks by whole
-batches (:func:`my_batches`) and rank 0 does the rest (probes and scores:
-:mod:`common.app.scoring`) and writes every file (config.json: :mod:`common.app.runstate`).
+analysis statistics are cached under keys of everything that changes them
+(:func:`common.app.stages.cached_stage`), so a re-run with the same inputs recomputes nothing and
+an interrupted run resumes from what was complete.  Under torchrun, decoding, detection and
+extraction are split over the ranks by whole batches (:func:`common.app.stages.my_batches`) and
+rank 0 does the rest (probes and scores: :mod:`common.app.scoring`) and writes every file
+(config.json: :mod:`common.app.runstate`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -28,12 +27,12 @@ from common import distributed
 from common.app.runstate import RunState, write_config
 from common.app.scoring import score, train_probes
 from common.app.settings import DatasetSpec, RunOptions, resolve_primary_metric, resolve_workers
-from common.data.cache import Cache, cache_key, default_cache_dir
+from common.app.stages import announce, cached_stage, detection_paths, fingerprints, model_description, my_batches
+from common.data.cache import Cache, default_cache_dir
 from common.data.imagebank import ImageBank
-from common.data.images import check_image, is_ignored, is_image_file
 from common.data.registry import SPLITS, Dataset, load_dataset, write_splits
 from common.demo.fixture import PlantedModel
-from common.errors import UserError
+from common.errors import Terminated, UserError
 from common.evaluation.analysis import ModeAnalysis, ModeSetup, analyse, analysis_paths, outlier_table
 from common.evaluation.course import load_probes
 from common.models.backbone import Backbone, load_backbone
@@ -53,78 +52,13 @@ from common.reporting.plots import write_outputs
 from common.reporting.summary import write_summary
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-STAGES = ("load backbone", "load dataset and split", "register neurons", "extract features",
-          "train probes", "score", "figures and outlier statistics", "summary")
-
-
-def _stage(state: RunState, name: str) -> None:
-    if state.main:
-        log.info("[%d/%d] %s", STAGES.index(name) + 1, len(STAGES), name)
-
-
-def fingerprints(paths: list[str]) -> list[list]:
-    """``[path, size, mtime_ns]`` per file: a changed file changes every key it is part of."""
-    stats = [(os.path.abspath(p), os.stat(p)) for p in paths]
-    return [[path, stat.st_size, stat.st_mtime_ns] for path, stat in stats]
-
-
-def _model_description(state: RunState) -> dict:
-    """What identifies the model's computation in every cache key."""
-    backbone, bank = state.backbone, state.bank
-    return {
-        "model": backbone.identity.as_dict(),
-        "weights": backbone.weights_id,
-        "activation": backbone.activation,
-        "preprocess": [bank.preprocess_id, bank.mean.tolist(), bank.std.tolist()],
-        "precision": backbone.precision,
-        "device_type": backbone.device.type,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# cached stages
-
-
-def cached_stage(state: RunState, kind: str, description: dict, compute: Callable[[], T | None], *,
-                 encode: Callable[[T], dict[str, np.ndarray]], decode: Callable[[dict[str, np.ndarray]], T],
-                 usable: Callable[[dict[str, np.ndarray]], bool] = lambda arrays: True,
-                 shared: bool = True) -> tuple[T | None, bool]:
-    """One cached step of a run: (its result, whether it came from the cache).
-
-    Rank 0 reads the ``kind`` entry under the key of ``description`` (everything that changes the
-    result); a ``shared`` step (one that every rank runs) hands it to every rank, so that all of
-    them agree on a hit.  A usable hit is ``decode``d.  Otherwise every rank calls ``compute``
-    (which splits its batches over the ranks, :func:`my_batches`, and gathers or reduces the
-    result; it may return None on the other ranks) and rank 0 saves ``encode`` of the result.
-    """
-    key = cache_key(description)
-    arrays = state.cache.load(kind, key) if state.main else None
-    if shared:
-        arrays = state.dist.broadcast(arrays)
-    if arrays is not None and usable(arrays):
-        return decode(arrays), True
-    result = compute()
-    if state.main and result is not None:
-        state.cache.save(kind, key, encode(result))
-    return result, False
-
-
-def my_batches(state: RunState, paths: list[str], batch_size: int) -> tuple[int, list[int]]:
-    """(the number of batches of ``paths``, the indices of those this rank computes: batch ``i`` on
-    rank ``i % N``); every image of the run is scheduled for decoding first."""
-    _images_ready(state)
-    count = (len(paths) + batch_size - 1) // batch_size
-    return count, state.dist.my_batches(count)
-
 
 # --------------------------------------------------------------------------------------------
 # stages
 
 
 def stage_backbone(state: RunState, device: torch.device, planted: PlantedModel | None) -> Backbone:
-    _stage(state, "load backbone")
+    announce(state, "load backbone")
     if planted is not None:
         backbone = planted.backbone
     else:
@@ -139,7 +73,7 @@ def stage_backbone(state: RunState, device: torch.device, planted: PlantedModel 
 
 
 def stage_dataset(state: RunState) -> Dataset:
-    _stage(state, "load dataset and split")
+    announce(state, "load dataset and split")
     config = state.config
     dataset = load_dataset(
         state.spec.name, state.options.image_path, manifest=state.options.manifest, seed=config["seed"],
@@ -154,54 +88,8 @@ def stage_dataset(state: RunState) -> Dataset:
     return dataset
 
 
-def _detection_paths(state: RunState) -> list[str]:
-    """A seeded random sample of ``detect_images`` training images, or of ``--detect_path``
-    (chosen once per run)."""
-    if state.detection_paths is None:
-        state.detection_paths = _choose_detection_paths(state)
-    return state.detection_paths
-
-
-def _choose_detection_paths(state: RunState) -> list[str]:
-    count = state.config["detect_images"]
-    rng = np.random.default_rng(state.config["seed"])
-    if state.options.detect_path:
-        folder = Path(state.options.detect_path)
-        if not folder.is_dir():
-            raise UserError(f"--detect_path {folder}: not a folder; pass a folder of images")
-        candidates = sorted(str(p) for p in folder.rglob("*")
-                            if p.is_file() and not is_ignored(p) and is_image_file(p))
-        bad = {p for p in candidates if check_image(p) is not None}
-        if bad:
-            log.warning("--detect_path: skipping %d unreadable image(s), e.g. %s", len(bad), ", ".join(sorted(bad)[:3]))
-        candidates = [p for p in candidates if p not in bad]
-        if not candidates:
-            raise UserError(f"--detect_path {folder}: no readable images found; pass a folder of images")
-    else:
-        candidates = sorted(state.split_paths("train"))
-    if len(candidates) > count:
-        candidates = sorted(rng.choice(candidates, size=count, replace=False).tolist())
-    return candidates
-
-
-def _all_image_paths(state: RunState) -> list[str]:
-    paths = list(state.dataset.table["path"])
-    if state.options.detect_path:
-        paths += _detection_paths(state)
-    return paths
-
-
-def _images_ready(state: RunState) -> None:
-    """Schedule every image the run may need, once: decoding threads fill the bank in the order
-    of the dataset while the first pass consumes them (idempotent)."""
-    scheduled = state.bank.prepare(_all_image_paths(state))
-    if scheduled and state.main:
-        log.info("%d images: from the image cache or decoded by %d thread(s), alongside the first pass",
-                 scheduled, max(state.bank.num_workers, 1))
-
-
 def stage_neurons(state: RunState, preloaded: NeuronRanking | None) -> NeuronRanking:
-    _stage(state, "register neurons")
+    announce(state, "register neurons")
     if preloaded is None:
         return _detect(state)
     if state.main:
@@ -215,14 +103,19 @@ def select_neurons(state: RunState) -> dict[int, list[int]]:
     config, ranking = state.config, state.ranking
     selected = ranking.select(config["highest_layer"], config["top_k"])
     if not selected:
-        raise UserError(f"no register neuron at or below highest_layer={config['highest_layer']}; raise highest_layer")
+        layers = sorted({int(layer) for layer, _, _ in ranking.ranked[:config["top_k"]]})
+        raise UserError(f"no register neuron at or below highest_layer={config['highest_layer']}: the ranking "
+                        f"({ranking.source}) has its top {config['top_k']} in layers {layers}; the method keeps only "
+                        "layers at or below highest_layer, so check that the ranking belongs to this model and "
+                        "dataset, or set highest_layer to the deepest layer the method may use")
     above = ranking.above_highest_layer(config["highest_layer"], config["top_k"])
     if state.main:
         total = sum(len(ids) for ids in selected.values())
         log.info("selected %d register neurons in layers %s", total, sorted(selected))
         if above:
-            log.warning("%d of the top %d ranked neurons lie above highest_layer=%d (best score %.3g) and are "
-                        "not selected; see register_neurons.json", len(above), config["top_k"],
+            log.warning("%d of the top %d ranked neurons lie above highest_layer=%d (best score %.3g) and are not "
+                        "selected, as the method intends (listed in register_neurons.json; the study's "
+                        "highest_layer axis measures what including them changes)", len(above), config["top_k"],
                         config["highest_layer"], max(s for _, _, s in above))
         target = state.options.out / "register_neurons.json"
         source = state.options.neurons
@@ -235,14 +128,16 @@ def select_neurons(state: RunState) -> dict[int, list[int]]:
 
 def _detect(state: RunState) -> NeuronRanking:
     config, backbone = state.config, state.backbone
-    paths = _detection_paths(state)
+    paths = detection_paths(state)
     detect_layer = config["detect_outliers_layer"]
-    description = {"kind": "detection", **_model_description(state), "images": fingerprints(paths),
+    description = {"kind": "detection", **model_description(state), "images": fingerprints(paths),
                    "detect_layer": detect_layer, "threshold": config["register_norm_threshold"],
                    "sparsity": [0.5, 0.5]}
 
     def decode(arrays: dict[str, np.ndarray]) -> NeuronRanking:
         info = json.loads(arrays["meta"].item())
+        if config["register_norm_threshold"] != "auto":   # where the number came from is this run's to say
+            info["threshold_reason"] = setting_source(state, "register_norm_threshold")
         if state.main:
             log.info("detection: from the cache (%d of %d images counted)", info["images_counted"], info["images_used"])
         ranked = list(zip(arrays["layers"].tolist(), arrays["neurons"].tolist(), arrays["scores"].tolist()))
@@ -264,7 +159,7 @@ def _detect_uncached(state: RunState, paths: list[str]) -> NeuronRanking:
     def batches():
         return state.bank.batches(paths, batch, indices=mine)
 
-    threshold, reason = config["register_norm_threshold"], "configured"
+    threshold, reason = config["register_norm_threshold"], setting_source(state, "register_norm_threshold")
     if threshold == "auto":
         norms = np.asarray(dist.all_gather_list(collect_norms(hooked, batches(), detect_layer).tolist()))
         threshold, reason = suggest_threshold(norms)
@@ -317,29 +212,58 @@ def _mode_description(state: RunState, mode: str) -> dict:
 
 def stage_features(state: RunState) -> tuple[dict[tuple[str, str], FeatureSet], dict[str, int]]:
     """Every (mode, split)'s features (on rank 0; on the other ranks those read from the cache),
-    and which came from the cache (``"mode/split": 1``)."""
-    _stage(state, "extract features")
+    and which came from the cache (``"mode/split": 1``).  With ``--reference_probes`` also the
+    test features extracted the course project's way (``state.course_features``)."""
+    announce(state, "extract features")
     features: dict[tuple[str, str], FeatureSet] = {}
     hits: dict[str, int] = {}
     for mode in state.modes:
         setup = _mode_setup(state, mode)
         for split in SPLITS:
-            paths = state.split_paths(split)
-            description = {"kind": "features", **_model_description(state), **_mode_description(state, mode),
-                           "images": fingerprints(paths)}
-            found, hit = cached_stage(
-                state, "features", description, lambda: _extract(state, paths, setup, f"features {mode} {split}"),
-                encode=FeatureSet.arrays, decode=lambda arrays: FeatureSet(arrays["pooled"], arrays["patch_mean"]),
-                usable=lambda arrays: len(arrays["pooled"]) == len(paths))
-            if hit and state.main:
-                log.info("%s %s: %d images from the feature cache (extraction skipped)", mode, split, len(paths))
+            found, hits[f"{mode}/{split}"] = _features(state, state.split_paths(split), setup,
+                                                     _mode_description(state, mode), f"{mode} {split}")
             if found is not None:
                 features[(mode, split)] = found
-            hits[f"{mode}/{split}"] = int(hit)
+    for mode in state.course_probes:
+        setup, description = _course_setup(state, mode)
+        if description == _mode_description(state, mode):      # our own test features are the course's
+            state.course_features[mode] = features.get((mode, "test"))
+            continue
+        label = f"{mode} (course: {COURSE_REGISTERS} zero register) test"
+        state.course_features[mode], hits[f"{mode} (course)/test"] = _features(
+            state, state.split_paths("test"), setup, description, label)
     if state.main:
         print(f"feature cache: {sum(hits.values())} of {len(hits)} (mode, split) sets reused"
               + ("" if state.cache.enabled else " (cache disabled by --no_cache)"))
     return features, hits
+
+
+def _features(state: RunState, paths: list[str], setup: ModeSetup, mode_description: dict,
+              label: str) -> tuple[FeatureSet | None, int]:
+    """The features of ``paths`` in one setup, from the cache or extracted: (them, 1 if cached)."""
+    description = {"kind": "features", **model_description(state), **mode_description, "images": fingerprints(paths)}
+    found, hit = cached_stage(
+        state, "features", description, lambda: _extract(state, paths, setup, f"features {label}"),
+        encode=FeatureSet.arrays, decode=lambda arrays: FeatureSet(arrays["pooled"], arrays["patch_mean"]),
+        usable=lambda arrays: len(arrays["pooled"]) == len(paths))
+    if hit and state.main:
+        log.info("%s: %d images from the feature cache (extraction skipped)", label, len(paths))
+    return found, int(hit)
+
+
+# The course project's code appends one zero register token in both of its modes
+# (``run_model(..., num_registers=1)``): its saved probes were trained on such features.
+COURSE_REGISTERS = 1
+
+
+def _course_setup(state: RunState, mode: str) -> tuple[ModeSetup, dict]:
+    """How the course project extracted ``mode``'s features: one zero register appended, the
+    intervention in ttr only (no-ttr: the register is appended, nothing is moved onto it)."""
+    _, intervention = mode_setup(mode, state.intervention, COURSE_REGISTERS)
+    hooks = intervention.fwd_hooks(HookedViT(state.backbone).token_layout(COURSE_REGISTERS)) if intervention else []
+    description = {"mode": mode, "num_registers": COURSE_REGISTERS,
+                   "intervention": intervention.describe() if intervention else None}
+    return ModeSetup(COURSE_REGISTERS, hooks), description
 
 
 def _extract(state: RunState, paths: list[str], setup: ModeSetup, desc: str) -> FeatureSet | None:
@@ -358,7 +282,7 @@ def _extract(state: RunState, paths: list[str], setup: ModeSetup, desc: str) -> 
 def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
     """The outlier statistics and figures on a sample of test images (rank 0): the summary's
     sections and the outlier table (None when skipped).  Each mode's statistics are cached."""
-    _stage(state, "figures and outlier statistics")
+    announce(state, "figures and outlier statistics")
     config = state.config
     test_paths = state.split_paths("test")
     count = min(len(test_paths), max(config["analysis_images"], config["figure_images"]))
@@ -367,7 +291,7 @@ def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
     paths = analysis_paths(test_paths, count, config["seed"])
     hooked = HookedViT(state.backbone)
     figure_count = min(config["figure_images"], count)
-    base = {"kind": "analysis", **_model_description(state), "images": fingerprints(paths),
+    base = {"kind": "analysis", **model_description(state), "images": fingerprints(paths),
             "detect_layer": config["detect_outliers_layer"], "figure_images": figure_count}
     pixels = state.bank.pixels(paths)
     setups = {mode: _mode_setup(state, mode) for mode in state.modes}
@@ -418,21 +342,33 @@ def execute(spec: DatasetSpec, options: RunOptions, config: dict, *, device: tor
         state = RunState(spec=spec, options=options, config=config, dist=dist, modes=modes)
         try:
             _run_stages(state, device, planted, ranking)
+        except Terminated:
+            _record_stop(state, "terminated")
+            raise
         except KeyboardInterrupt:
-            write_config(state, "interrupted")
+            _record_stop(state, "interrupted")
             raise
         except BaseException:
             if state.backbone is not None or state.dataset is not None:
-                write_config(state, "failed")
+                _record_stop(state, "failed")
             raise
         finally:
             if state.bank is not None:
                 state.bank.close()
     if state.main:
-        for line in state.answer:   # the verdict on the primary metric, the run's last words
-            print(line)
         print(f"done: {options.out / 'summary.md'}")
+        for line in state.answer:   # the verdict on the primary metric: the run's last words
+            print(f"answer{' (demo: synthetic data, planted model)' if options.demo else ''}: {line}")
     return state
+
+
+def _record_stop(state: RunState, status: str) -> None:
+    """config.json saying why the run stopped; a failure to write it (the disk that stopped the run
+    is full) must not replace the error the user needs to see."""
+    try:
+        write_config(state, status)
+    except OSError as error:
+        log.debug("config.json could not record status %s: %s", status, error)
 
 
 def _run_stages(state: RunState, device: torch.device, planted: PlantedModel | None,
@@ -469,15 +405,34 @@ def _run_stages(state: RunState, device: torch.device, planted: PlantedModel | N
             if state.main:
                 shutil.rmtree(private, ignore_errors=True)
     if state.main:
-        _stage(state, "train probes")
+        announce(state, "train probes")
         probabilities = train_probes(state)
-        _stage(state, "score")
+        announce(state, "score")
         state.metrics = score(state, probabilities)
         sections, state.outliers = stage_analysis(state)
-        _stage(state, "summary")
+        if options.demo:
+            state.demo_check = _demo_check(state)
+        announce(state, "summary")
         state.answer = write_summary(state, sections)
     state.timings["total"] = round(time.monotonic() - started, 2)
     write_config(state, "done")
+
+
+def setting_source(state: RunState, key: str) -> str:
+    """Where a config value came from, as the summary names it: the command line, the demo's
+    settings, or configs.py."""
+    if key in state.options.overrides:
+        return "set on the command line"
+    return "demo setting" if state.options.demo else "configured"
+
+
+def _demo_check(state: RunState) -> list[str]:
+    """The demo summary's lines on what a correct demo shows and whether this run shows it."""
+    from common.demo.demo import demo_check
+
+    outliers = state.outliers.set_index("mode") if state.outliers is not None else None
+    tokens = HookedViT(state.backbone).token_layout(state.config["num_registers"]).total
+    return demo_check(state.planted, state.ranking.ranked, outliers, _run_threshold(state), tokens)
 
 
 def _demo_data(state: RunState) -> str:

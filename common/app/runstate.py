@@ -57,6 +57,8 @@ class RunState:
     detection_paths: list[str] | None = None              # the images detection runs on
     refit_probabilities: dict[str, np.ndarray] = field(default_factory=dict)   # mode -> [R, N, C] per refit
     answer: list[str] = field(default_factory=list)       # the verdict lines the terminal ends with
+    course_features: dict[str, FeatureSet] = field(default_factory=dict)   # mode -> test features, the course's way
+    demo_check: list[str] = field(default_factory=list)   # a demo's summary lines: does it show what it should?
 
     @property
     def main(self) -> bool:
@@ -69,7 +71,8 @@ class RunState:
 
 
 def write_config(state: RunState, status: str) -> None:
-    """config.json of the run (rank 0), with ``status``: running, done, failed or interrupted."""
+    """config.json of the run (rank 0), with ``status``: running, done, failed, interrupted (Ctrl-C)
+    or terminated (SIGTERM)."""
     if not state.main:
         return
     backbone, options = state.backbone, state.options
@@ -114,6 +117,9 @@ def write_config(state: RunState, status: str) -> None:
     if state.probe_choices:
         data["probe_hyperparameters"] = state.probe_choices
         data["probe_not_converged"] = state.not_converged
+    if state.course_features:
+        data["course_probe_features"] = ("test features extracted the course project's way: one zero register token "
+                                          "appended in both modes, the intervention in ttr only")
     if state.bank is not None:
         data["images_decoded"] = state.bank.decodes
     if state.timings:

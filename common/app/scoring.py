@@ -112,9 +112,10 @@ def score(state: RunState, probabilities: dict[str, np.ndarray]) -> pd.DataFrame
 
 
 def _course_probabilities(state: RunState) -> dict[str, np.ndarray]:
-    """The course project's saved probes on this run's raw pooled test features, ``[1, N, C]`` each."""
+    """The course project's saved probes on raw pooled test features extracted the course's way
+    (``state.course_features``: one zero register appended in both modes), ``[1, N, C]`` each."""
     order = state.dataset.course_class_order
-    return {mode + COURSE_SUFFIX: probe.predict_proba(state.features[(mode, "test")].pooled, order)[None]
+    return {mode + COURSE_SUFFIX: probe.predict_proba(state.course_features[mode].pooled, order)[None]
             for mode, probe in state.course_probes.items()}
 
 

@@ -63,6 +63,7 @@ class RunOptions:
     strict: bool = False
     demo: bool = False
     command_line: list[str] = field(default_factory=list)
+    overrides: tuple[str, ...] = ()    # config keys given on the command line (--set and the dedicated flags)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,11 +128,32 @@ def parse_value(text: str) -> Any:
 NUMBER_OR_AUTO_KEYS = ("register_norm_threshold",)
 # Keys that take a non-negative integer or the word "auto".
 COUNT_OR_AUTO_KEYS = ("num_workers",)
-# Keys that take an integer of at least this much.
-LOWEST = {"batch_size": 1, "detect_images": 1, "probe_max_epochs": 1, "probe_patience": 1,
-          "bootstrap_resamples": 1, "permutations": 1, "probe_refits": 0, "figure_images": 0, "analysis_images": 0}
+# Keys that take an integer in [low, high] (None: no upper end), and why the ends are where they are.
+INTEGER_RANGES: dict[str, tuple[int, int | None, str]] = {
+    "batch_size": (1, None, ""),
+    "detect_images": (1, None, ""),
+    "probe_max_epochs": (1, None, ""),
+    "probe_patience": (1, None, ""),
+    # each tail of a 95% percentile interval needs a resample, and p < 0.05 needs 2/B < 0.05
+    "bootstrap_resamples": (50, None, "fewer resamples cannot resolve a 95% interval or a p-value below 0.05"),
+    # every figure image costs two figures and the attention maps of every layer in memory
+    "figure_images": (0, 32, "each figure image draws a norm map and an attention map"),
+    "analysis_images": (0, None, ""),
+    # p = (k + 1) / (B + 1) cannot fall below 0.05 with fewer permutations
+    "permutations": (20, None, "with fewer, a permutation p-value cannot fall below 0.05"),
+    "probe_refits": (0, None, ""),
+}
 # ... and these only with a model (the run defaults alone have none of them).
-LOWEST_WITH_MODEL = {"num_registers": 1, "top_k": 1}
+INTEGER_RANGES_WITH_MODEL: dict[str, tuple[int, int | None, str]] = {
+    "num_registers": (1, 64, "each register is one more token in every forward pass; the method uses 1"),
+    "top_k": (1, None, ""),
+}
+# Keys that take true or false.
+BOOLEAN_KEYS = ("zero_shot", "probe_class_weights", "force_quick_gelu")
+# The largest learning rate, weight decay and intervention scale accepted: beyond them AdamW
+# diverges or the weights vanish, and scale x the signed max overflows float32 activations (the
+# run would end in NaN features after an hour, blaming the images).
+MAX_LR, MAX_WEIGHT_DECAY, MAX_SCALE = 1.0, 1.0, 1000.0
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -229,13 +251,17 @@ def resolve_config(model: str | None, overrides: Sequence[str] = (), flags: dict
 
 
 def validate(config: dict, model: str | None) -> dict:
-    """Check types, ranges and choices (no model needed, except for the model's own names)."""
+    """Check types, ranges and choices (no model needed, except for the model's own names): one
+    line naming the key, its value and the valid range or choices."""
     for key, valid in choices().items():
         if key in config and config[key] not in valid:
             raise UserError(f"{key}={config[key]!r}: use one of {', '.join(valid)}")
     seed = config["seed"]
     if not _is_int(seed) or not 0 <= seed < 2 ** 32:
         raise UserError(f"seed={seed!r} (--seed): use an integer from 0 to {2 ** 32 - 1}")
+    for key in BOOLEAN_KEYS:
+        if key in config and not isinstance(config[key], bool):
+            raise UserError(f"{key}={config[key]!r}: expected true or false")
     for key in NUMBER_OR_AUTO_KEYS:
         value = config.get(key, "auto")
         if value != "auto" and not (_is_number(value) and value > 0):
@@ -243,33 +269,30 @@ def validate(config: dict, model: str | None) -> dict:
     workers = config["num_workers"]
     if workers != "auto" and not (_is_int(workers) and workers >= 0):
         raise UserError(f"num_workers={workers!r}: use an integer >= 0 (0 decodes in the main process) or auto")
-    for key, low in (LOWEST | (LOWEST_WITH_MODEL if model is not None else {})).items():
-        if not _is_int(config[key]):
-            raise UserError(f"{key}={config[key]!r}: expected an integer")
-        if config[key] < low:
-            raise UserError(f"{key}={config[key]}: it must be at least {low}")
-    if not 0 < config["val_fraction"] < 1 or not 0 < config["test_fraction"] < 1 or \
-            config["val_fraction"] + config["test_fraction"] >= 1:
-        raise UserError(f"val_fraction={config['val_fraction']} and test_fraction={config['test_fraction']}: "
-                        "each must be in (0, 1) and their sum below 1")
+    _check_integers(config, INTEGER_RANGES | (INTEGER_RANGES_WITH_MODEL if model is not None else {}))
+    _check_fractions(config)
+    _check_probe(config)
+    if not isinstance(config["extra_modes"], (list, tuple)):
+        raise UserError(f"extra_modes={config['extra_modes']!r}: expected a list such as ('no-ttr-removed',)")
     unknown = [m for m in config["extra_modes"] if m not in EXTRA_MODES]
     if unknown:
         raise UserError(f"extra_modes={config['extra_modes']!r}: {unknown[0]!r} is not an extra mode; "
                         f"valid: {', '.join(EXTRA_MODES)}")
-    for key in ("probe_lr_grid", "probe_weight_decay_grid"):
-        values = config[key]
-        if not all(_is_number(v) and v >= 0 for v in values) or (key == "probe_lr_grid" and min(values) <= 0):
-            raise UserError(f"{key}={values!r}: expected positive numbers (weight decay may be 0)")
     primary = config["primary_metric"]
     if primary != "auto" and primary not in _metric_names():
         raise UserError(f"primary_metric={primary!r}: use auto (the dataset's, configs.PRIMARY_METRIC) or one of "
                         f"{', '.join(_metric_names())}")
-    if not all(_is_int(s) for s in config["probe_seeds"]):
-        raise UserError(f"probe_seeds={config['probe_seeds']!r}: expected integers, e.g. (0, 1, 2)")
     if model is None:
         return config
-    if not _is_number(config["scale"]):
-        raise UserError(f"scale={config['scale']}: expected a finite number")
+    scale = config["scale"]
+    if not _is_number(scale):
+        raise UserError(f"scale={scale}: expected a finite number")
+    if not 0 < scale <= MAX_SCALE:
+        raise UserError(f"scale={scale:g}: use a number in (0, {MAX_SCALE:g}] (the register takes scale x the signed "
+                        "max of the register neurons; 1 is the method's)")
+    for key in ("highest_layer", "detect_outliers_layer"):
+        if not _is_int(config[key]):
+            raise UserError(f"{key}={config[key]!r}: expected an integer (a layer index)")
     from common.models.presets import family_class
 
     family = family_class(model)
@@ -297,6 +320,53 @@ def resolve_primary_metric(config: dict, spec: DatasetSpec) -> str:
         valid = [m for m in _metric_names() if reported.get(m, True)]
         raise UserError(f"primary_metric={primary!r}: {spec.title} does not report it; use one of {', '.join(valid)}")
     return primary
+
+
+def _check_integers(config: dict, ranges: dict[str, tuple[int, int | None, str]]) -> None:
+    for key, (low, high, why) in ranges.items():
+        value = config[key]
+        if not _is_int(value):
+            raise UserError(f"{key}={value!r}: expected an integer")
+        if value < low:
+            raise UserError(f"{key}={value}: it must be at least {low}" + (f" ({why})" if why and low > 1 else ""))
+        if high is not None and value > high:
+            raise UserError(f"{key}={value}: use {low}..{high} ({why})")
+
+
+def _check_fractions(config: dict) -> None:
+    val, test = config["val_fraction"], config["test_fraction"]
+    if not (_is_number(val) and _is_number(test)) or not 0 < val < 1 or not 0 < test < 1 or val + test >= 1:
+        raise UserError(f"val_fraction={val!r} and test_fraction={test!r}: each must be in (0, 1) and their sum "
+                        "below 1")
+
+
+def _check_probe(config: dict) -> None:
+    """The probe's settings, here rather than after the features are extracted."""
+    patience, epochs = config["probe_patience"], config["probe_max_epochs"]
+    if patience >= epochs:
+        raise UserError(f"probe_patience={patience} with probe_max_epochs={epochs}: early stopping could never fire "
+                        "(every probe would be reported as not converged); use a patience below probe_max_epochs")
+    delta = config["probe_min_delta"]
+    if not (_is_number(delta) and 0 <= delta < 1):
+        raise UserError(f"probe_min_delta={delta!r}: use a number in [0, 1) (the share of the best validation loss "
+                        "an epoch must improve on it by)")
+    for key, low_open, high in (("probe_lr_grid", True, MAX_LR), ("probe_weight_decay_grid", False, MAX_WEIGHT_DECAY)):
+        values = config[key]
+        if not isinstance(values, (list, tuple)) or not values:
+            raise UserError(f"{key}={values!r}: expected a non-empty list such as (0.001, 0.01)")
+        if not all(_is_number(v) and v >= 0 for v in values) or (low_open and min(values) <= 0):
+            raise UserError(f"{key}={values!r}: expected positive numbers (weight decay may be 0)")
+        if max(values) > high:
+            raise UserError(f"{key}={values!r}: {max(values):g} is above {high:g}; use values in "
+                            f"{'(0' if low_open else '[0'}, {high:g}] (AdamW diverges or the weights vanish beyond)")
+    seeds = config["probe_seeds"]
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(_is_int(s) for s in seeds):
+        raise UserError(f"probe_seeds={seeds!r}: expected integers, e.g. (0, 1, 2)")
+    if not all(0 <= s < 2 ** 32 for s in seeds):
+        raise UserError(f"probe_seeds={seeds!r}: use integers from 0 to {2 ** 32 - 1}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"probe_seeds={seeds!r}: a seed is given twice (its probe would be counted twice in the "
+                        "ensemble); give distinct seeds")
 
 
 def validate_for_model(config: dict, identity: ModelIdentity) -> None:

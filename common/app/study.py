@@ -22,8 +22,9 @@ is the one the study would run (same entry script, same arguments) is not run ag
 else (no folder, a failed or interrupted run, another command) is run (the caches make a re-run
 of unchanged work cheap).  A failing cell (exit code != 0) is recorded with its exit code and
 last error line and the study goes on; it exits 1 at the end if any cell failed, 130 when
-interrupted (finished cells stay finished: run the same command again), 2 for bad study arguments
-(one line naming the argument, before any run starts).
+interrupted, 143 when terminated by SIGTERM (finished cells stay finished: run the same command
+again), 2 for bad study arguments or a study folder another study is using (one line naming the
+argument, before any run starts).
 
 Under torchrun every rank runs every cell inside one :func:`common.distributed.session` (the runs
 shard their own work; rank 0 decides which cells to resume and tells the others); only rank 0
@@ -41,6 +42,7 @@ and writes ``OUT/shards/shard-I-of-N.json`` instead of ``study.json``; ``--repor
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -57,7 +59,7 @@ from common.app.outdir import finished_run
 from common.app.settings import DatasetSpec
 from common.app.shards import STUDY_FILE, grid_id, my_cells, report_command, state_path, statuses_from_states
 from common.app.study_args import parse_args
-from common.errors import EXIT_INTERRUPTED, UserError, run_entry
+from common.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, UserError, run_entry
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +256,8 @@ def run_grid(cells: list[Cell], dist, save: Callable[[], None], runner: Runner =
         started = time.monotonic()
         try:
             code, output = runner(cell, specs[cell.dataset], main)
+        except Terminated:
+            code, output = EXIT_TERMINATED, ""
         except KeyboardInterrupt:
             code, output = EXIT_INTERRUPTED, ""
         cell.seconds = round(time.monotonic() - started, 1)
@@ -261,8 +265,8 @@ def run_grid(cells: list[Cell], dist, save: Callable[[], None], runner: Runner =
         if main:
             write_text(Path(cell.folder).parent.parent / "logs" / f"{cell.name}.log",
                        f"$ {cell.command()}\n{output}")
-        if code == EXIT_INTERRUPTED:
-            cell.status = "interrupted"
+        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            cell.status = "interrupted" if code == EXIT_INTERRUPTED else "terminated"
             if main:
                 save()
             return False
@@ -319,10 +323,11 @@ def run_study(request: Request, runner: Runner = run_cell) -> int:
         dist.barrier()  # the demo's data is complete before any rank reads it
         complete = run_grid(cells, dist, save, runner)
         if not complete:
-            save("interrupted")
+            stopped = next(cell for cell in cells if cell.status in ("interrupted", "terminated"))
+            save(stopped.status)
             if main:
-                _progress("interrupted: finished cells are kept; run the same command again to resume")
-            return EXIT_INTERRUPTED
+                _progress(f"{stopped.status}: finished cells are kept; run the same command again to resume")
+            return stopped.exit_code
         failed = [cell for cell in cells if cell.status == "failed"]
         save("done" if not failed else "failed cells")
         if main and request.shard:
@@ -368,5 +373,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m common.study``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    return run_entry(lambda: run_study(parse_args(argv)),
-                     interrupted="finished cells are kept; run the same command again to resume")
+
+    def body() -> int:
+        from common import distributed
+        from common.locks import LOCK, FolderLock
+
+        request = parse_args(argv)
+        # one study per folder (rank 0 holds the lock; each cell's run locks its own folder too); the
+        # shards of a job array share the folder, so each shard locks only its own slice
+        name = f"{LOCK}-shard-{request.shard[0]}-of-{request.shard[1]}" if request.shard else LOCK
+        lock = FolderLock(request.out, name=name) if distributed.is_main_process() else contextlib.nullcontext()
+        with lock:
+            return run_study(request)
+
+    return run_entry(body, interrupted="finished cells are kept; run the same command again to resume")

@@ -96,12 +96,15 @@ class ImageBank:
 
     # ---------------------------------------------------------------- filling
     def _load(self, path: str, decode: bool) -> torch.Tensor:
-        """One image: the image cache, else (when ``decode``) decoded and cached."""
+        """One image: the image cache, else decoded and cached (``decode`` False: another rank
+        decoded it, so it is decoded here only when the shared cache lacks it)."""
         arrays = self.cache.load("images", self.key(path), what="cached image")
         if arrays is not None:
             return torch.from_numpy(arrays["pixels"])
         if not decode:
-            raise RuntimeError(f"image {path} was decoded by another rank but is not in the cache")
+            # Another rank decoded it, but its write to the shared cache failed (a full disk: that
+            # rank warned): decode it here too rather than stop the run.
+            log.debug("image %s is not in the shared cache; decoding it on this rank", self.display(path))
         image = self.pil_steps(load_rgb(path, shown=self.display(path)))
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:

@@ -52,8 +52,8 @@ class NeuronRanking:
 
     ranked: list[tuple[int, int, float]]          # (layer, neuron, score), best first
     threshold: float
-    detect_layer: int                             # as configured (may be negative)
-    detect_layer_index: int                       # 0-based
+    detect_layer: int | None                      # as configured (may be negative); None: not recorded
+    detect_layer_index: int | None                # 0-based; None: not recorded (a course .pt)
     images_used: int
     images_counted: int
     max_norm_seen: float
@@ -166,8 +166,8 @@ class NeuronRanking:
                             "run, or detect the neurons (leave --neurons out)")
         return cls(
             ranked=ranked, threshold=data.get("register_norm_threshold", float("nan")),
-            detect_layer=int(data.get("detect_outliers_layer", -1)),
-            detect_layer_index=int(data.get("detect_layer_index", -1)),
+            detect_layer=_layer_or_none(data.get("detect_outliers_layer")),
+            detect_layer_index=_layer_or_none(data.get("detect_layer_index")),
             images_used=int(data.get("images_used", 0)), images_counted=int(data.get("images_counted", 0)),
             max_norm_seen=float(data.get("max_norm_seen", float("nan"))),
             threshold_reason=data.get("threshold_reason", ""), source=f"file:{path}", identity=identity)
@@ -185,41 +185,59 @@ class NeuronRanking:
             raise UserError(f"--neurons {path}: not a register-neuron ranking that can be read safely "
                             f"({type(error).__name__}: {reason}); pass a course register_neurons.pt "
                             "(a list of (layer, neuron, score)) or a register_neurons.json") from None
-        ranked = _ranking_from(data)
-        if ranked is None:
+        if not isinstance(data, (list, tuple)):
             raise UserError(f"--neurons {path}: holds a {type(data).__name__}, not a list of (layer, neuron, "
                             "score) tuples; pass the course project's register_neurons.pt or our JSON")
+        ranked, bad = _ranking_from(data)
+        if bad is not None:
+            index, problem = bad
+            raise UserError(f"--neurons {path}: entry {index} ({_shown_entry(data[index])}) {problem}; each entry "
+                            "must be (layer, neuron, score) with a layer and a neuron >= 0: pass the course project's "
+                            "register_neurons.pt as it saved it, or our JSON")
         if not ranked:
             raise UserError(f"--neurons {path}: the ranking is empty; pass the course project's full "
                             "register_neurons.pt, or detect the neurons (leave --neurons out)")
-        return cls(ranked=ranked, threshold=float("nan"), detect_layer=0, detect_layer_index=-1,
+        # The course file records neither the detect layer nor the threshold: unknown, not 0 or -1.
+        return cls(ranked=ranked, threshold=float("nan"), detect_layer=None, detect_layer_index=None,
                    images_used=0, images_counted=0, max_norm_seen=float("nan"),
                    threshold_reason="read from a course project register_neurons.pt (threshold not recorded)",
                    source=f"file:{path}", identity=None)
+
+
+def _layer_or_none(value) -> int | None:
+    """A recorded layer index, or None where the file records none (null, absent)."""
+    return None if value is None else int(value)
 
 
 def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _ranking_from(data) -> list[tuple[int, int, float]] | None:
-    """``data`` as a list of (int layer, int neuron, float score), or None if it is not one."""
-    if not isinstance(data, (list, tuple)):
-        return None
+def _ranking_from(data: list | tuple) -> tuple[list[tuple[int, int, float]], tuple[int, str] | None]:
+    """``data`` as a list of (int layer, int neuron, float score), and the first bad entry as
+    (its index, what is wrong with it), or None when every entry is good."""
     ranked = []
-    for entry in data:
-        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
-            return None
-        layer, neuron, score = entry
-        if hasattr(layer, "item"):   # 0-d tensors from a torch.save of tensor entries
-            layer, neuron, score = layer.item(), neuron.item(), score.item()
-        if isinstance(layer, bool) or isinstance(neuron, bool) or not isinstance(layer, int) \
-                or not isinstance(neuron, int) or not isinstance(score, (int, float)) or isinstance(score, bool):
-            return None
-        if layer < 0 or neuron < 0:
-            return None
+    for index, entry in enumerate(data):
+        if not isinstance(entry, (list, tuple)):
+            return ranked, (index, f"is not a tuple ({type(entry).__name__})")
+        if len(entry) != 3:
+            return ranked, (index, f"has {len(entry)} values, not 3")
+        layer, neuron, score = (value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+                                for value in entry)   # 0-d tensors from a torch.save of tensor entries
+        for name, value in (("layer", layer), ("neuron", neuron)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                return ranked, (index, f"has a {name} that is not an integer ({value!r})")
+            if value < 0:
+                return ranked, (index, f"has a negative {name} ({value})")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            return ranked, (index, f"has a score that is not a number ({score!r})")
         ranked.append((layer, neuron, float(score)))
-    return ranked
+    return ranked, None
+
+
+def _shown_entry(entry) -> str:
+    text = repr(entry)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def paper_neurons(model: ModelIdentity) -> NeuronRanking:

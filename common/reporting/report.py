@@ -28,7 +28,11 @@ Rows other than ``no-ttr`` and ``ttr`` (``no-ttr (course probe)``, ``ttr (course
 the metrics table, with whatever comparison their run recorded; they are outside the Holm
 family and the difference tables, which hold the one ttr-vs-no-ttr question per run.
 
-Exit codes: 0 done; 2 a RUN_DIR that is not a finished run (one line naming it).
+Exit codes: 0 done; 2 (one line naming the folder) a RUN_DIR that is not a finished run, one given
+twice (also as a copy), a study folder, an ``--out`` that is a file or lies in a run folder (the
+report never writes into a run it reads), a fault of the disk; 130 / 143 interrupted / terminated.
+Runs of different datasets and backbones may be reported together: each run is its own
+ttr-vs-no-ttr comparison (one member of each Holm family).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import textwrap
 from pathlib import Path
 
@@ -87,6 +92,9 @@ def read_run(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder; pass run folders written by test_<dataset>.py")
+    if (folder / "study.json").is_file() and not (folder / "config.json").is_file():
+        raise UserError(f"{folder} is a study folder: its report is `python -m common.studyreport {folder}`; or pass "
+                        "its cells' run folders (cells/*)")
     for name in ("config.json", "metrics.csv"):
         if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name} (not a finished run); pass run folders written by "
@@ -96,6 +104,13 @@ def read_run(folder: str | Path) -> dict:
         metrics = pd.read_csv(folder / "metrics.csv")
     except (OSError, ValueError) as error:
         raise UserError(f"{folder}: config.json or metrics.csv cannot be read ({error})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{folder / 'config.json'}: not a run's config.json; pass run folders written by "
+                        "test_<dataset>.py")
+    status = info.get("status", "done")      # runs written before config.json had a status finished
+    if status != "done":
+        raise UserError(f"{folder}: not a finished run (config.json says status {status!r}, so its metrics.csv may "
+                        "be of an earlier run); run it to the end (the same command resumes it) or leave it out")
     if "mode" not in metrics.columns or not set(MODES) <= set(metrics["mode"]):
         raise UserError(f"{folder / 'metrics.csv'}: needs rows for modes {', '.join(MODES)}")
     if metrics["mode"].duplicated().any():
@@ -290,10 +305,42 @@ def figure(table: pd.DataFrame):
                        f"p < {ALPHA:g} over the {len(ttr)} run(s); other metrics exploratory)")
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:
-    """Read the runs, write ``report.csv``, ``report.md`` and ``report.png`` under ``out``."""
+def check_inputs(run_dirs: list[str | Path], out: str | Path) -> None:
+    """What the report may not be given (one line naming it): a run folder twice (also as two
+    paths or two copies of one run: its comparison would count twice in the Holm families), and an
+    ``out`` that is a file or lies inside (or is) a run folder - the report never writes into a run
+    it reads."""
     if not run_dirs:
         raise UserError("give at least one RUN_DIR")
+    seen: dict[str, Path] = {}
+    for folder in map(Path, run_dirs):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise UserError(f"RUN_DIR {folder} is given twice (also as {seen[real]}); give each run once")
+        seen[real] = folder
+    contents: dict[tuple[bytes, bytes], Path] = {}
+    for folder in seen.values():
+        try:
+            content = ((folder / "config.json").read_bytes(), (folder / "metrics.csv").read_bytes())
+        except OSError:
+            continue                    # read_run names what is missing
+        if content in contents:
+            raise UserError(f"RUN_DIR {folder} holds the same run as {contents[content]} (identical config.json and "
+                            "metrics.csv: a copy?); give each run once")
+        contents[content] = folder
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for report.csv, report.md and report.png")
+    target = os.path.realpath(out)
+    for real, folder in seen.items():
+        if target == real or target.startswith(real.rstrip(os.sep) + os.sep):
+            raise UserError(f"--out {out} is {'the run folder' if target == real else 'inside the run folder'} "
+                            f"{folder}; the report never writes into a run it reads: pass another --out")
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path) -> pd.DataFrame:
+    """Read the runs, write ``report.csv``, ``report.md`` and ``report.png`` under ``out``."""
+    check_inputs(run_dirs, out)
     runs = [read_run(folder) for folder in run_dirs]
     table = build_table(runs)
     out = Path(out)

@@ -56,6 +56,7 @@ import pandas as pd
 
 from common.errors import UserError, run_entry
 from common.io import write_csv, write_text
+from common.locks import FolderLock
 from common.reporting.figures import save_png
 from common.reporting.format import MISSING
 from common.reporting.study_figures import (
@@ -126,19 +127,69 @@ def write_report(study: dict, out: str | Path) -> Path:
     return write_text(out / "report.md", markdown(study, runs, notes, tables, rankings, score_figures))
 
 
+STUDY_KEYS = ("cells", "axes", "datasets", "skipped")
+CELL_KEYS = ("name", "dataset", "model", "settings", "folder", "status")
+
+
+def read_study(study_dir: Path) -> dict:
+    """The study record of ``study_dir`` checked as the report needs it (one line naming what is
+    wrong otherwise).  A study folder that was moved or copied reports its own cells: a cell whose
+    recorded folder is gone is looked for under ``study_dir/cells/``.  A finished cell whose run
+    folder holds a run of another dataset or model than the record says is refused (its rows would
+    go to the wrong tables)."""
+    if not study_dir.is_dir():
+        raise UserError(f"STUDY_DIR {study_dir}: not a folder; pass the --out folder of a study "
+                        "(python -m common.study)")
+    path = study_dir / "study.json"
+    if not path.is_file():
+        hint = (f"it holds a run (config.json): its report is `python -m common.report {study_dir} --out DIR`"
+                if (study_dir / "config.json").is_file() else
+                "pass the --out folder of a study (python -m common.study)")
+        raise UserError(f"{path}: no such file; {hint}")
+    try:
+        study = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot be read ({error}); pass the --out folder of a study") from None
+    missing = [key for key in STUDY_KEYS if not isinstance(study, dict) or key not in study]
+    if missing or not isinstance(study["cells"], list):
+        raise UserError(f"{path}: not a study record (no {missing[0] if missing else 'list of cells'!r}); pass the "
+                        "--out folder of a study (python -m common.study)")
+    for index, cell in enumerate(study["cells"]):
+        absent = [key for key in CELL_KEYS if not isinstance(cell, dict) or key not in cell]
+        if absent:
+            raise UserError(f"{path}: cell {index} has no {absent[0]!r}; the record was edited or damaged: run the "
+                            "study again (it resumes its finished cells)")
+        local = study_dir / "cells" / str(cell["name"])
+        if not Path(cell["folder"]).is_dir() and local.is_dir():
+            cell["folder"] = str(local)
+        if cell["status"] in ("done", "resumed"):
+            _check_cell(cell, path)
+    return study
+
+
+def _check_cell(cell: dict, path: Path) -> None:
+    try:
+        info = json.loads((Path(cell["folder"]) / "config.json").read_text())
+    except (OSError, ValueError):
+        return                          # the report lists it among the cells it could not read
+    if isinstance(info, dict) and (info.get("dataset"), info.get("model")) != (cell["dataset"], cell["model"]):
+        raise UserError(f"cell {cell['name']} of {path}: its folder {cell['folder']} holds a run of "
+                        f"{info.get('dataset')} with {info.get('model')}, not {cell['dataset']} with {cell['model']}; "
+                        "restore the cell's own folder or run the study again (it re-runs that cell)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m common.studyreport",
                                      description="Write a study's report again from STUDY_DIR/study.json.")
     parser.add_argument("study_dir", help="the --out folder of python -m common.study")
     args = parser.parse_args(argv)
-    path = Path(args.study_dir) / "study.json"
+    study_dir = Path(args.study_dir)
 
     def body() -> int:
-        try:
-            study = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise UserError(f"{path}: cannot be read ({error}); pass the --out folder of a study") from None
-        print(f"report: {write_report(study, Path(args.study_dir) / 'report')}")
+        study = read_study(study_dir)
+        # a study still running holds this lock: its report comes when it finishes
+        with FolderLock(study_dir, "STUDY_DIR", busy="wait for it: the study writes its report when it finishes"):
+            print(f"report: {write_report(study, study_dir / 'report')}")
         return 0
 
     return run_entry(body, interrupted="run the same command again to write the report")

@@ -206,6 +206,7 @@ def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
         lines += ["> **Demo run on synthetic data with a planted model.** The images were generated, the "
                   "backbone is a small randomly initialised ViT with register neurons planted by hand at "
                   f"{state.planted}. These numbers say nothing about real medical images.", ""]
+        lines += [*state.demo_check, ""] if state.demo_check else []
     n_test = int((dataset.table["split"] == "test").sum())
     verdict = answer(metrics, primary, mode=TTR, baseline=BASELINE)
     lines += ["## The answer", "", f"**{verdict}**", "",
@@ -256,8 +257,12 @@ def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
                   "the same paired tests (exploratory):", ""] + results_table(metrics, *zero_shot)
     course = [m for m in metrics["mode"] if "(course probe)" in m]
     if len(course) == 2:
-        lines += ["", "The course project's saved probes (`--reference_probes`), on this run's raw test features "
-                  "(class order mapped from the course code's sorted labels):", ""] + results_table(metrics, *course)
+        lines += ["", "The course project's saved probes (`--reference_probes`) on raw test features extracted the "
+                  "course's way: its code appends one zero register token in both modes (`run_model(..., "
+                  "num_registers=1)`), so `no-ttr (course probe)` is scored on features with one zero register "
+                  "appended and nothing moved onto it - not the model as released, which our no-ttr is - and "
+                  "`ttr (course probe)` on ttr features with one register (class order mapped from the course "
+                  "code's sorted labels):", ""] + results_table(metrics, *course)
 
     lines += ["", "## Run", "",
               f"- backbone: {backbone.description} (activation {backbone.activation}, precision "
@@ -288,7 +293,9 @@ def _warnings(state: RunState) -> list[str]:
                      f"{config['highest_layer']} and are not selected: {scores}"
                      + (" ..." if len(above) > 5 else "")
                      + (f"; the selected ones score {min(kept):.3g} to {max(kept):.3g}" if kept else "")
-                     + ". Raise highest_layer to include them.")
+                     + ". The method leaves layers above highest_layer out on purpose (docs/detection.md); the "
+                     "study's `highest_layer` axis (`--axes highest_layer=...`) measures what including them "
+                     "changes.")
     if state.dataset.leaks:
         notes.append(f"{len(state.dataset.leaks)} file(s) with identical content appear in two splits (see "
                      "--check_data); the test metrics may be optimistic.")

@@ -481,3 +481,47 @@ def test_interrupt_leaves_a_resumable_run(tmp_path, capsys, monkeypatch):
     code, out, err = cli(capsys, "orthonet", *args)
     assert code == 0, err
     assert _reused(out)[0] == len(written)
+
+
+@pytest.mark.slow
+def test_the_course_no_ttr_probe_is_scored_on_features_with_one_zero_register(end_to_end):
+    """The course code appends one zero register token in both modes, so its saved no-ttr probe is
+    scored on features extracted that way, not on the model as released (our no-ttr): recomputed
+    here image by image with the planted model, independently of the run."""
+    from sklearn.metrics import roc_auc_score
+
+    from common.data.images import load_rgb
+    from common.demo.demo import demo_model
+    from common.models.hooks import HookedViT
+
+    course = end_to_end["course"]
+    out = course["out"]
+    assert course["result"].returncode == 0, course["result"].stderr[-2000:]
+    splits = pd.read_csv(out / "splits.csv")
+    test = splits[splits["split"] == "test"]
+    backbone = demo_model("clip", seed=0).backbone
+    hooked = HookedViT(backbone)
+    saved = torch.load(course["course"] / "best_model_no_ttr.pth", weights_only=True)
+    weight, bias = saved["fc.weight"].double().numpy(), saved["fc.bias"].double().numpy()
+
+    def features(registers: int) -> np.ndarray:
+        return torch.stack([hooked.run_with_hooks(backbone.preprocess(load_rgb(path))[None], [],
+                                                  num_registers=registers)[0] for path in test["path"]]).numpy()
+
+    def auc(pooled: np.ndarray) -> float:
+        logits = pooled.astype(np.float64) @ weight.T + bias
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return roc_auc_score(test["label"], probabilities, multi_class="ovr", average="macro")
+
+    with_register, as_released = features(1), features(0)
+    assert np.abs(with_register - as_released).max() > 1e-4       # the two ways differ: the check can fail
+    cached = [read_checked_npz(path, path.stem)["pooled"] for path in
+              (out.parent / f"cache_{out.name}" / "features").rglob("*.npz")]
+    assert any(c.shape == with_register.shape and np.allclose(c, with_register, atol=1e-5) for c in cached)
+    row = pd.read_csv(out / "metrics.csv").set_index("mode").loc["no-ttr (course probe)"]
+    assert row["auc_macro"] == pytest.approx(auc(with_register), abs=1e-9)
+    config = json.loads((out / "config.json").read_text())
+    assert "one zero register token appended in both modes" in config["course_probe_features"]
+    assert config["feature_cache_hits"]["no-ttr (course)/test"] == 0
+    assert "not the model as released" in (out / "summary.md").read_text()

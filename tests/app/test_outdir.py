@@ -74,3 +74,28 @@ def test_cache_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"--cache_dir .*file is a file, not a folder"):
         check_cache_dir(tmp_path / "file")
+
+
+@pytest.mark.parametrize("source, named", [
+    ("TTR_CACHE_DIR", "the cache folder {} (from $TTR_CACHE_DIR) is a file"),
+    ("XDG_CACHE_HOME", "the cache folder {} (from $XDG_CACHE_HOME) is a file"),
+    ("the default", "the default cache folder {} is a file"),
+])
+def test_a_default_cache_is_named_as_what_it_is_never_as_cache_dir(tmp_path, source, named):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError) as caught:
+        check_cache_dir(tmp_path / "file", source)
+    message = str(caught.value)
+    assert message.startswith(named.format(tmp_path / "file")) and not message.startswith("--cache_dir")
+    assert message.endswith("pass --cache_dir DIR (a writable folder), or --no_cache to run without a cache")
+
+
+def test_a_folder_too_deep_for_the_files_written_in_it_is_refused_up_front(tmp_path):
+    deep = tmp_path
+    while len(str(deep)) < 4096 - 100:
+        deep = deep / ("d" * min(200, 4096 - 100 - len(str(deep))))
+    deep.mkdir(parents=True)
+    with pytest.raises(UserError, match=r"--out .*too little room .*use a shorter path"):
+        prepare_out(deep, dataset="aptos", model="clip")
+    with pytest.raises(UserError, match=r"--cache_dir .*too little room"):
+        check_cache_dir(deep)

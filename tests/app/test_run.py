@@ -1,4 +1,4 @@
-"""The run's cached-stage helper and batch sharding (common.app.run).
+"""The run's cached-stage helper and batch sharding (common.app.stages).
 
 The whole run (cache reuse and invalidation, interrupt and resume, two gloo ranks against one
 process) is exercised end to end in tests/app/test_cli.py; here the helper on its own, on one
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.app.run import cached_stage, my_batches
+from common.app.stages import cached_stage, my_batches
 from common.app.runstate import RunState
 from common.app.settings import DatasetSpec, RunOptions
 from common.data.cache import Cache, cache_key

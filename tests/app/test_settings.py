@@ -137,7 +137,7 @@ def test_unknown_key_lists_the_valid_ones_and_hints_at_model_keys():
     ("clip", "extra_modes=bogus", "'bogus' is not an extra mode; valid: no-ttr-removed"),
     ("clip", "probe_lr_grid=(0, 1e-3)", "probe_lr_grid=(0, 0.001): expected positive numbers"),
     ("clip", "probe_refits=-1", "probe_refits=-1: it must be at least 0"),
-    ("clip", "permutations=0", "permutations=0: it must be at least 1"),
+    ("clip", "permutations=0", "permutations=0: it must be at least 20"),
     ("clip", "primary_metric=accuracy", "primary_metric='accuracy': use auto (the dataset's, configs.PRIMARY_METRIC) "
                                         "or one of top1, top3, f1_macro"),
     ("dinov2", "backbone_size=vitx99", "backbone_size 'vitx99' is unknown"),
@@ -214,3 +214,46 @@ def test_the_command_line_answers_without_importing_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("model, items, needle", [
+    ("clip", ["probe_min_delta=-1"], "probe_min_delta=-1.0: use a number in [0, 1)"),
+    ("clip", ["probe_patience=200"], "probe_patience=200 with probe_max_epochs=200: early stopping could never fire"),
+    ("clip", ["bootstrap_resamples=49"], "bootstrap_resamples=49: it must be at least 50"),
+    ("clip", ["figure_images=33"], "figure_images=33: use 0..32"),
+    ("clip", ["num_registers=65"], "num_registers=65: use 1..64"),
+    ("clip", ["scale=0"], "scale=0: use a number in (0, 1000]"),
+    ("clip", ["scale=1e30"], "scale=1e+30: use a number in (0, 1000]"),
+    ("clip", ["probe_lr_grid=(0.01, 2)"], "probe_lr_grid=(0.01, 2): 2 is above 1; use values in (0, 1]"),
+    ("clip", ["probe_weight_decay_grid=(5,)"], "probe_weight_decay_grid=(5,): 5 is above 1; use values in [0, 1]"),
+    ("clip", ["probe_seeds=(1, 1)"], "probe_seeds=(1, 1): a seed is given twice"),
+    ("clip", ["probe_seeds=(0, -3)"], "probe_seeds=(0, -3): use integers from 0 to 4294967295"),
+    (None, ["probe_min_delta=1"], "probe_min_delta=1.0: use a number in [0, 1)"),
+])
+def test_ranges_are_checked_where_settings_enter(model, items, needle):
+    with pytest.raises(UserError) as caught:
+        resolve_config(model, items)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mapping, key, value, needle", [
+    ("RUN_DEFAULTS", "probe_lr_grid", (), "probe_lr_grid=(): expected a non-empty list"),
+    ("RUN_DEFAULTS", "probe_seeds", [], "probe_seeds=[]: expected integers"),
+    ("RUN_DEFAULTS", "val_fraction", "0.15", "val_fraction='0.15' and test_fraction=0.15"),
+    ("RUN_DEFAULTS", "probe_class_weights", "no", "probe_class_weights='no': expected true or false"),
+    ("RUN_DEFAULTS", "extra_modes", "no-ttr-removed", "extra_modes='no-ttr-removed': expected a list"),
+    ("CLIP", "highest_layer", 5.5, "highest_layer=5.5: expected an integer"),
+    ("CLIP", "force_quick_gelu", 1, "force_quick_gelu=1: expected true or false"),
+])
+def test_configs_py_edited_by_hand_is_checked_too_never_a_traceback(monkeypatch, mapping, key, value, needle):
+    monkeypatch.setitem(getattr(configs, mapping), key, value)
+    with pytest.raises(UserError) as caught:
+        resolve_config("clip")
+    assert needle in str(caught.value)
+
+
+def test_the_ends_of_each_range_pass():
+    config = resolve_config("clip", ["probe_min_delta=0", "bootstrap_resamples=50", "figure_images=32",
+                                     "num_registers=64", "scale=1000", "probe_lr_grid=(1,)",
+                                     "probe_weight_decay_grid=(0, 1)", "probe_patience=199"])
+    assert config["scale"] == 1000.0 and config["num_registers"] == 64 and config["probe_patience"] == 199

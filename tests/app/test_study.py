@@ -322,3 +322,31 @@ def test_sharded_study_reports_what_the_unsharded_study_reports(tmp_path, capsys
     assert sharded.keys() == unsharded.keys()
     for name in unsharded:
         assert sharded[name] == unsharded[name], name
+
+
+# ------------------------------------------------------------------------------------------
+# SIGTERM (a scheduler's stop) during a cell: the study stops like on Ctrl-C, with 143
+
+
+def test_sigterm_during_a_cell_stops_the_study_with_143(tmp_path, capsys):
+    import signal
+    import time
+
+    out = tmp_path / "study"
+
+    def terminated_in_the_first_cell(spec, args):
+        os.kill(os.getpid(), signal.SIGTERM)     # what `timeout` or a scheduler sends
+        time.sleep(10)
+        return 0
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study, "invoke", terminated_in_the_first_cell)
+        code = study.main(["--demo", "--data", "aptos", "--models", "clip", "--out", str(out),
+                           "--cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 143, err[-2000:]
+    record = json.loads((out / "study.json").read_text())
+    assert record["status"] == "terminated"
+    assert [c["status"] for c in record["cells"]] == ["terminated", "pending"]
+    assert "terminated: finished cells are kept; run the same command again to resume" in err
+    assert "Traceback" not in err and not (out / ".ttr-medical-lock").exists()

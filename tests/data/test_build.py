@@ -13,7 +13,6 @@ from common.data.registry import load_dataset
 from common.errors import UserError
 from datatrees import (
     class_tree,
-    litter,
     one_line_error,
     png,
 )

@@ -49,3 +49,46 @@ def test_checked_cache_files(tmp_path, caplog):
     off = Cache(tmp_path / "off", enabled=False)
     off.save("features", key, arrays)
     assert off.load("features", key) is None and not (tmp_path / "off").exists()
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_the_work_goes_on(tmp_path, caplog, monkeypatch):
+    """A full disk under the cache (write_checked_npz raising ENOSPC, as the OS does with no file
+    name): one warning naming the cache folder, then no more writes, from any thread."""
+    import errno
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import common.data.cache as cache_module
+
+    calls = []
+
+    def full(path, arrays, key):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module, "write_checked_npz", full)
+    cache = Cache(tmp_path / "cache")
+    arrays = {"x": np.zeros(2)}
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: cache.save("images", cache_key({"i": i}), arrays), range(64)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(tmp_path / "cache") in warnings[0] and "No space left on device" in warnings[0]
+    assert "carrying on without caching" in warnings[0]
+    assert cache.fault is not None and len(calls) <= 8          # no write after the fault was seen
+    cache.save("images", cache_key({"i": 99}), arrays)
+    assert len(calls) <= 8
+
+
+def test_a_cache_entry_path_that_cannot_be_looked_at_is_a_miss(tmp_path, caplog):
+    """A cache folder so deep that an entry's path is too long to even stat: a miss and one
+    warning, not a traceback."""
+    root = tmp_path
+    while len(str(root)) < 4000:
+        root = root / ("d" * 200)
+    cache = Cache(root)
+    with caplog.at_level(logging.WARNING):
+        assert cache.load("features", cache_key({"x": 1})) is None
+        assert cache.load("features", cache_key({"x": 2})) is None
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert cache.fault is not None and cache.fault.errno == 36     # ENAMETOOLONG

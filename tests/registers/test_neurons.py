@@ -119,3 +119,38 @@ def test_paper_neurons_belong_to_dinov2_vitl14():
     ranking.check_model(DINO_L14, "paper")
     with pytest.raises(UserError, match="ViT-B-16"):
         ranking.check_model(CLIP_B16, "paper")
+
+
+def test_a_course_pt_records_no_detect_layer_and_the_json_says_unknown(tmp_path):
+    """The course file records neither the detect layer nor the threshold: unknown (null), never a
+    made-up 0 or -1, also after a round trip through our JSON."""
+    path = tmp_path / "register_neurons.pt"
+    torch.save(course_ranking(3, 4), path)
+    ranking = NeuronRanking.load(path)
+    assert ranking.detect_layer is None and ranking.detect_layer_index is None
+    data = ranking.to_json(2, 5)
+    assert data["detect_outliers_layer"] is None and data["detect_layer_index"] is None
+    ranking.save(tmp_path / "register_neurons.json", 2, 5)
+    again = NeuronRanking.load(tmp_path / "register_neurons.json")
+    assert again.detect_layer is None and again.detect_layer_index is None and again.ranked == ranking.ranked
+    assert json.loads((tmp_path / "register_neurons.json").read_text())["detect_outliers_layer"] is None
+
+
+@pytest.mark.parametrize("entries, index, problem", [
+    ([(3, 7, 2.0), (3, "x12", 1.0)], 1, "has a neuron that is not an integer ('x12')"),
+    ([(3, 7, 2.0)] * 5 + [(4, 2)], 5, "has 2 values, not 3"),
+    ([(1, 2, 3.0), 7], 1, "is not a tuple (int)"),
+    ([(-1, 7, 2.0)], 0, "has a negative layer (-1)"),
+    ([(1, -7, 2.0)], 0, "has a negative neuron (-7)"),
+    ([(1.5, 7, 2.0)], 0, "has a layer that is not an integer (1.5)"),
+    ([(1, 7, "high")], 0, "has a score that is not a number ('high')"),
+    ([(True, 7, 1.0)], 0, "has a layer that is not an integer (True)"),
+])
+def test_a_bad_entry_of_a_course_pt_is_named_by_index_and_value(tmp_path, entries, index, problem):
+    path = tmp_path / "register_neurons.pt"
+    torch.save(entries, path)
+    with pytest.raises(UserError) as caught:
+        NeuronRanking.load(path)
+    message = str(caught.value)
+    assert f"entry {index} ({entries[index]!r}) {problem}" in message, message
+    assert "not a list of" not in message

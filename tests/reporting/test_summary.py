@@ -129,3 +129,23 @@ def test_results_table_rows():
     assert top1[3] == f"{ttr['top1_diff']:+.3f} [{ttr['top1_diff_lo']:+.3f}, {ttr['top1_diff_hi']:+.3f}]"
     assert top1[5] == "exact McNemar |" and lines[3].endswith("| permutation |")
     assert refits_table(table, "no-ttr", "ttr", "top1") == []      # no refits, no table
+
+
+def test_neurons_above_highest_layer_are_reported_not_advised_away():
+    """The method leaves layers above highest_layer out on purpose: the summary names the strong
+    neurons it leaves out and points at the study's highest_layer axis, never says raise it."""
+    from types import SimpleNamespace
+
+    from common.registers.neurons import NeuronRanking
+    from common.reporting.summary import _warnings
+
+    ranking = NeuronRanking(ranked=[(9, 1, 50.0), (3, 2, 40.0), (10, 3, 30.0), (2, 4, 5.0)], threshold=30.0,
+                            detect_layer=-1, detect_layer_index=11, images_used=5, images_counted=5,
+                            max_norm_seen=80.0)
+    state = SimpleNamespace(config={"highest_layer": 5, "top_k": 3}, not_converged=[], ranking=ranking,
+                            dataset=SimpleNamespace(leaks=[]))
+    (note,) = _warnings(state)
+    assert "2 of the top 3 ranked register neurons lie above highest_layer=5" in note
+    assert "50 (layer 9, neuron 1)" in note and "30 (layer 10, neuron 3)" in note
+    assert "on purpose" in note and "`highest_layer` axis" in note
+    assert "raise" not in note.lower()
