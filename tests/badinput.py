@@ -371,11 +371,12 @@ def check_common(case: Case, ctx: Ctx, result: Result, before: dict, after: dict
             f"message does not say what to do ({case.advice!r}):\n{result.message[-3000:]}"
 
 
-def lock_holder(folder: Path) -> subprocess.Popen:
-    """Another process holding the lock of ``folder`` (common.locks; it waits until killed, at most
-    10 min): the caller kills it."""
+def lock_holder(folder: Path, name: str | None = None) -> subprocess.Popen:
+    """Another process holding the lock of ``folder`` (common.locks; the lock file ``name``, default
+    the usual one; it waits until killed, at most 10 min): the caller kills it."""
+    named = f", name={name!r}" if name else ""
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from common.locks import FolderLock\n"
-            f"with FolderLock({str(folder)!r}):\n    print('locked', flush=True); time.sleep(600)")
+            f"with FolderLock({str(folder)!r}{named}):\n    print('locked', flush=True); time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout.readline().strip() == "locked"
     return process

@@ -350,3 +350,25 @@ def test_sigterm_during_a_cell_stops_the_study_with_143(tmp_path, capsys):
     assert [c["status"] for c in record["cells"]] == ["terminated", "pending"]
     assert "terminated: finished cells are kept; run the same command again to resume" in err
     assert "Traceback" not in err and not (out / ".ttr-medical-lock").exists()
+
+
+def test_the_shards_of_a_job_array_share_the_study_folder(tmp_path, monkeypatch, capsys):
+    """A SLURM array runs its shards at once in one --out: each shard locks only its own slice, so a
+    running shard 1 does not stop shard 2, while a second shard 1 is refused naming the first."""
+    from badinput import lock_holder
+    from common.locks import LOCK
+
+    out = tmp_path / "study"
+    seen = []
+    monkeypatch.setattr(study, "run_study", lambda request, *a, **k: seen.append(
+        sorted(p.name for p in request.out.iterdir() if p.name.startswith(LOCK))) or 0)
+    args = ["--demo", "--data", "aptos", "--models", "clip", "--out", str(out)]
+    holder = lock_holder(out, f"{LOCK}-shard-1-of-2")
+    try:
+        assert study.main([*args, "--shard", "2/2"]) == 0, capsys.readouterr().err
+        assert seen == [[f"{LOCK}-shard-1-of-2", f"{LOCK}-shard-2-of-2"]]
+        assert study.main([*args, "--shard", "1/2"]) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
