@@ -64,10 +64,7 @@ def _header(study: dict, paper: pd.DataFrame, runs: list[CellRun]) -> list[str]:
                 f"failed"
               + (f", {counts['pending'] + counts['interrupted']} not run" if counts['pending'] + counts['interrupted']
                  else "")
-              + f"), {len(study['skipped'])} combinations not run (section 9)."
-              + (f" This invocation took {number(study['wall_seconds'], 0)} s" if study.get("wall_seconds") else "")
-              + (f"; the finished cells' runs took {number(run_seconds, 0)} s in all (their config.json)."
-                 if run_seconds else "."),
+              + f"), {len(study['skipped'])} combinations not run (section 9)." + _timing(study, run_seconds),
               "", f"Command: `{' '.join(study.get('command_line', []))}`", ""]
     failed = [c for c in cells if c["status"] == "failed"]
     if failed:
@@ -295,3 +292,15 @@ def markdown(study: dict, runs: list[CellRun], notes: list[str], tables: dict[st
               "calibration.csv, neuron_overlap.csv, outliers.csv, cells.csv, skipped.csv and the figures above; "
               "the study record is ../study.json, each cell's output tail ../logs/<cell>.log.", ""]
     return "\n".join(lines)
+
+
+def _timing(study: dict, run_seconds: float) -> str:
+    """' This invocation took 11 s; the finished cells' runs took 9 s in all (their config.json).', or
+    the part of it that is known (a --report_only invocation runs no cell and has no wall time)."""
+    parts = []
+    if study.get("wall_seconds"):
+        parts.append(f"this invocation took {number(study['wall_seconds'], 0)} s")
+    if run_seconds:
+        parts.append(f"the finished cells' runs took {number(run_seconds, 0)} s in all (their config.json)")
+    text = "; ".join(parts)
+    return f" {text[0].upper()}{text[1:]}." if text else ""

@@ -56,7 +56,8 @@ from badinput import (
     trees,  # noqa: F401  (a fixture, picked up by name)
     write,
 )
-from common.evaluation.metrics import MetricSpec, evaluate_modes
+from common.evaluation.compare import evaluate_modes
+from common.evaluation.metrics import MetricSpec
 from common.locks import LOCK
 
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
