@@ -309,9 +309,10 @@ def test_demo_runs_end_to_end(end_to_end, script, model):
     verdict = next(line for line in answer.splitlines() if line.strip())
     assert verdict.startswith(f"**{label} (primary metric): ") and "probe refits" in verdict
     assert "Secondary metrics (exploratory" in answer
-    # the terminal ends with the same verdict, then where the summary is
+    # the terminal ends with where the summary is, then the same verdict, marked as the demo's
     last = result.stdout.strip().splitlines()[-2:]
-    assert last[0] == verdict.strip("*") and last[1].startswith("done: ")
+    assert last[0] == f"done: {out / 'summary.md'}"
+    assert last[1] == "answer (demo: synthetic data, planted model): " + verdict.strip("*")
     assert summary.index("## The answer") < summary.index("## Results")
     # the planted outliers are attention sinks: ttr moves CLS attention onto the register
     outliers = pd.read_csv(out / "outliers.csv").set_index("mode")
