@@ -45,7 +45,8 @@ FILTER_DIMS = (0, 1, 2, 3)
 ENERGY_DIM = 4
 GATE_DIM = 5
 CLS_DIM = 6
-RESERVED_DIMS = FILTER_DIMS + (ENERGY_DIM, GATE_DIM, CLS_DIM)
+OBJECT_DIM = 7
+RESERVED_DIMS = FILTER_DIMS + (ENERGY_DIM, GATE_DIM, CLS_DIM, OBJECT_DIM)
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
@@ -67,7 +68,9 @@ WRITE_NORM = 1.2
 # (after each block's pre-attention norm, an outlier token lies almost along the direction).
 CLS_MARK = 8.0
 SINK_QUERY_GAIN = 1.0
-SINK_KEY_GAIN = 1.0
+SINK_KEY_GAIN = 2.5
+OBJECT_KEY_GAIN = 4.0
+OBJECT_WRITE = 0.25
 # Trained registers of the fixture (``trained_registers=4``) are high-norm by design, as in
 # DINOv2-reg and DINOv3: detection must not take them for outliers.
 TRAINED_REGISTER_NORM = 200.0
@@ -159,6 +162,7 @@ def _plant(adapter: FamilyAdapter, seed: int) -> list[tuple[int, int]]:
         set_neuron_input(mlp, neuron, row, 0.0)
         fc_out.weight[:, neuron] = 0.0
         fc_out.weight[ENERGY_DIM, neuron] = gains.energy_write
+        fc_out.weight[OBJECT_DIM, neuron] = gains.energy_write * OBJECT_WRITE
 
     # Block planted_layer: the register neurons, reading gate - energy, writing one big vector.
     mlp, fc_out = parts.mlp(PLANTED_LAYER), adapter.mlp_out(PLANTED_LAYER)
@@ -191,6 +195,7 @@ def _plant_sinks(adapter: FamilyAdapter, parts: Parts, direction: torch.Tensor) 
             weight[query_row] = 0.0
             weight[query_row, CLS_DIM] = SINK_QUERY_GAIN
             weight[key_row] = direction * SINK_KEY_GAIN
+            weight[key_row, OBJECT_DIM] = OBJECT_KEY_GAIN
             rows = [query_row, key_row]
             if partner is not None:
                 weight[width + head * head_dim + partner] = 0.0
