@@ -6,7 +6,10 @@ to the mask too).  Its values decide what is inside:
 
 * values within {0, 1} (a mode-``1`` image, a palette of indices 0 and 1): 1 is inside;
 * values within {0, 255}: 255 is inside;
-* anything else: values above 127 are inside.
+* any other two values (or one): values above 127 are inside.
+
+A mask with more than two distinct values (a greyscale map, a JPEG's ringing, a photograph) is not
+binary: a :class:`UserError` naming it, as is a mask of another size than its image.
 
 Colour masks count their brightest colour channel (alpha dropped); palette masks their palette
 indices; 16-bit and float masks their raw values.
@@ -19,6 +22,7 @@ model sees pixel for pixel (:func:`preprocess_mask`).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -58,25 +62,32 @@ def _image_size(path: str) -> tuple[int, int] | None:
         return None
 
 
-def check_mask(mask: str, image: str, shown: Callable[[str], str] = str) -> str | None:
-    """None when ``mask`` can be read and has ``image``'s size; else a one-line error naming the
-    mask (through ``shown``) and what to do.  Reads headers only."""
+def _checked(mask: str, image: str, shown: Callable[[str], str]) -> tuple[np.ndarray | None, str | None]:
+    """``(bool [H, W], None)`` for a good mask, ``(None, one-line error)`` for a bad one."""
+    if not Path(mask).is_file():
+        return None, f"mask {shown(mask)} (of image {shown(image)}) not found; fix the mask column"
     try:
-        with Image.open(mask) as im:
-            size = _oriented_size(im)
-    except FileNotFoundError:
-        return f"mask {shown(mask)} (of image {shown(image)}) not found; fix the mask column"
-    except _READ_ERRORS as exc:
-        return f"mask {shown(mask)} cannot be read ({' '.join(str(exc).split())}); {FIX}"
+        values = read_mask(mask, shown(mask))
+    except UserError as exc:
+        return None, str(exc)
     expected = _image_size(image)
-    if expected is not None and size != expected:
-        return (f"mask {shown(mask)} is {size[0]}x{size[1]} px but its image {shown(image)} is "
-                f"{expected[0]}x{expected[1]}; {FIX}")
-    return None
+    height, width = values.shape
+    if expected is not None and (width, height) != expected:
+        return None, (f"mask {shown(mask)} is {width}x{height} px but its image {shown(image)} is "
+                      f"{expected[0]}x{expected[1]}; {FIX}")
+    return values, None
+
+
+def check_mask(mask: str, image: str, shown: Callable[[str], str] = str) -> str | None:
+    """None when ``mask`` can be read, is binary and has ``image``'s size; else a one-line error
+    naming the mask (through ``shown``) and what to do.  Decodes the mask (small: one channel of
+    two values), only the image's header."""
+    return _checked(mask, image, shown)[1]
 
 
 def inside(values: np.ndarray) -> np.ndarray:
-    """``bool`` array of what is inside a mask with these pixel values (the module's rule)."""
+    """``bool`` array of what is inside a mask with these pixel values (the module's rule; the
+    caller has checked that there are at most two distinct values)."""
     if ((values == 0) | (values == 1)).all():
         return values == 1
     if ((values == 0) | (values == 255)).all():
@@ -101,6 +112,10 @@ def read_mask(path: str, shown: str | None = None) -> np.ndarray:
         values = np.asarray(im)
     else:                                                   # LA, RGB, RGBA, CMYK, ...: the brightest channel
         values = np.asarray(im.convert("RGB")).max(axis=-1)
+    distinct = np.unique(values)
+    if distinct.size > 2:
+        raise UserError(f"mask {shown or path} is not binary ({distinct.size} distinct values, e.g. "
+                        f"{', '.join(f'{v:g}' for v in distinct[:4])}); {FIX}")
     return inside(values)
 
 
@@ -139,7 +154,7 @@ def preprocess_mask(mask: np.ndarray, steps: Callable) -> np.ndarray:
 def mask_at_input(mask: str, image: str, steps: Callable, shown: Callable[[str], str] = str) -> np.ndarray:
     """``bool [h, w]``: the mask of ``image`` checked against the image's size, read and brought to
     the model's input by ``steps`` (:func:`mask_steps`); a bad mask is a :class:`UserError` naming it."""
-    problem = check_mask(mask, image, shown)
+    values, problem = _checked(mask, image, shown)
     if problem:
         raise UserError(problem)
-    return preprocess_mask(read_mask(mask, shown(mask)), steps)
+    return preprocess_mask(values, steps)

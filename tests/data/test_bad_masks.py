@@ -1,5 +1,5 @@
 """The bad-input matrix for object masks (a manifest's ``mask`` column, docs/datasets.md): a mask of
-the wrong size, one that is not an image, one that is not there - each one ``error:`` line naming the
+the wrong size, one that is not binary, one that is not an image, one that is not there - each one ``error:`` line naming the
 mask and what to do, exit 2, nothing the user gave changed; a column filled in for some images only
 is fine.  The harness is tests/badinput.py."""
 
@@ -46,6 +46,8 @@ def _masked_manifest(ctx: Ctx, bad: str | None = None) -> list[str]:
         _mask(spoiled, size=(31, 32))
     elif bad == "text":
         write(spoiled, b"not a mask\n")
+    elif bad == "grey":
+        write_png(spoiled)                                  # an ordinary image: many grey levels
     elif bad == "missing":
         spoiled.unlink()
     csv = ctx.inp / "meta" / "labels.csv"
@@ -66,6 +68,8 @@ MASK_CASES = [
          r"give a binary mask image .* of the image's size"),
     Case("manifest-mask-that-is-not-an-image-exit2-names-it", "aptos", lambda ctx: _masked_manifest(ctx, "text"), 2,
          ("masks/g1_1.png", "cannot be read"), r"give a binary mask image"),
+    Case("manifest-mask-not-binary-exit2-names-it", "aptos", lambda ctx: _masked_manifest(ctx, "grey"), 2,
+         ("masks/g1_1.png", "is not binary"), r"give a binary mask image"),
     Case("manifest-mask-file-missing-exit2-names-it", "aptos", lambda ctx: _masked_manifest(ctx, "missing"), 2,
          ("masks/g1_1.png", "not found"), r"fix the mask column"),
     Case("manifest-mask-column-filled-for-some-images-exit0", "aptos", _masked_manifest, 0,

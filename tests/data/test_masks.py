@@ -35,7 +35,8 @@ def _checker(seed: int, height: int, width: int) -> np.ndarray:
 @pytest.mark.parametrize("values, expected", [
     ([0, 1, 1, 0], [False, True, True, False]),             # {0, 1}: 1 is inside
     ([0, 255, 0, 255], [False, True, False, True]),         # {0, 255}: 255 is inside
-    ([0, 128, 127, 200], [False, True, False, True]),       # otherwise > 127
+    ([0, 128, 128, 0], [False, True, True, False]),         # two other values: > 127
+    ([38, 200, 38, 38], [False, True, False, False]),
     ([1, 1, 1, 1], [True, True, True, True]),               # all 1 within {0, 1}: everything inside
     ([0, 0, 0, 0], [False, False, False, False]),
 ])
@@ -66,8 +67,8 @@ def test_exif_orientation_applies_to_the_mask(tmp_path):
     image = PIL.Image.fromarray(np.where(truth, 255, 0).astype(np.uint8))
     exif = image.getexif()
     exif[0x0112] = 6                                      # rotate 90 degrees clockwise to display
-    image.save(tmp_path / "m.jpg", exif=exif, quality=100)
-    assert read_mask(str(tmp_path / "m.jpg")).shape == (7, 4)
+    image.save(tmp_path / "m.png", exif=exif)                # PNG: a JPEG mask would not be binary
+    assert read_mask(str(tmp_path / "m.png")).shape == (7, 4)
     photo = PIL.Image.fromarray(np.zeros((4, 7, 3), np.uint8))
     photo.save(tmp_path / "photo.jpg", exif=exif)
     _save(np.zeros((7, 4), np.uint8), tmp_path / "displayed.png")                       # the displayed size
@@ -144,3 +145,15 @@ def test_mask_at_input_checks_size_and_names_the_file(tmp_path):
     with pytest.raises(UserError, match=r"mask .*text\.png cannot be read .*binary mask image"):
         mask_at_input(str(tmp_path / "text.png"), image, steps)
     assert "not found" in check_mask(str(tmp_path / "absent.png"), image)
+
+
+def test_a_mask_with_more_than_two_values_is_not_binary(tmp_path):
+    image = _save(np.zeros((4, 5, 3), np.uint8), tmp_path / "image.png")
+    grey = _save(np.arange(20, dtype=np.uint8).reshape(4, 5) * 12, tmp_path / "grey.png")     # 20 grey levels
+    two = _save(np.where(_checker(1, 4, 5), 200, 10).astype(np.uint8), tmp_path / "two.png")
+    assert check_mask(two, image) is None
+    assert read_mask(two).tolist() == _checker(1, 4, 5).tolist()
+    problem = check_mask(grey, image)
+    assert problem.startswith(f"mask {grey} is not binary (20 distinct values") and "\n" not in problem
+    with pytest.raises(UserError, match=r"grey\.png is not binary .*give a binary mask image"):
+        mask_at_input(grey, image, mask_steps(_pil_steps("clip")))
