@@ -92,7 +92,8 @@ def write_localization(state: RunState, analysis: Analysis) -> None:
     if left_out:
         log.warning("localization: %d test image(s) left out, their mask is empty after the preprocessing "
                     "(cropped away): %s", len(left_out), ", ".join(left_out[:5]))
-    summary = localization_summary(table, n_boot=config["bootstrap_resamples"], seed=config["seed"])
+    summary = localization_summary(table, n_boot=config["bootstrap_resamples"], n_perm=config["permutations"],
+                                   seed=config["seed"])
     write_csv(out / "localization.csv", table)
     result = LocalizationResult(table, summary, left_out)
     dropped = set(left_out)

@@ -20,7 +20,9 @@ An image whose mask is empty after the preprocessing (cropped away) is left out 
 :func:`localization_summary` gives per metric the mean per mode with its percentile-bootstrap
 interval and, against the baseline, the paired difference with its paired-bootstrap interval
 (:func:`common.evaluation.stats.resample_weights`, :func:`~common.evaluation.stats.bootstrap_difference`:
-the same resamples of the images for both modes); ``iou_accumulated`` is the dataset-accumulated
+the same resamples of the images for both modes) and its two-sided paired permutation p-value (each
+image's two modes swapped with probability 1/2: :func:`~common.evaluation.stats.swap_weights`,
+:func:`~common.evaluation.stats.permutation_p`); ``iou_accumulated`` is the dataset-accumulated
 IoU (intersections and unions summed over the images before dividing), the form of the
 test-time-registers paper's zero-shot segmentation table.
 
@@ -41,7 +43,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.evaluation.stats import bootstrap_difference, percentile_interval, resample_weights
+from common.evaluation.stats import (
+    bootstrap_difference,
+    percentile_interval,
+    permutation_p,
+    resample_weights,
+    swap_weights,
+    untie,
+)
 from common.models.hooks import HookedViT, HookFn, attn_cls_pattern
 from common.registers.modes import BASELINE
 
@@ -51,7 +60,7 @@ SUMMARY_METRICS = METRICS + (ACCUMULATED_IOU,)
 LOCALIZATION_COLUMNS = ("path", "mode", "energy_in_mask", "pointing_hit", "iou", "intersection", "union",
                         "mask_share")
 SUMMARY_COLUMNS = ("metric", "mode", "images", "mean", "mean_lo", "mean_hi", "diff", "diff_lo", "diff_hi",
-                   "diff_se")
+                   "diff_se", "diff_p")
 
 
 @dataclass
@@ -151,25 +160,40 @@ def localize(labels: Sequence[str], maps: dict[str, np.ndarray], mask_of: Callab
 # the summary
 
 
-def _resampled(table: pd.DataFrame, mode: str, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """Per summary metric ``[1 + B]``: the value over all images, then over each bootstrap resample
-    (``weights [B, n]``, multiplicities of the images in the table's order)."""
+def _statistic(table: pd.DataFrame, mode: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(numerator, denominator)`` per image of a summary metric (the metric is their sums' ratio):
+    ``(value, 1)`` for the per-image means, ``(intersection, union)`` for the accumulated IoU."""
     rows = table[table["mode"] == mode]
-    n = len(rows)
-    values = {}
-    for metric in METRICS:
-        x = rows[metric].to_numpy(np.float64)
-        values[metric] = np.concatenate([[x.mean()], weights @ x / n])
-    inter, union = rows["intersection"].to_numpy(np.float64), rows["union"].to_numpy(np.float64)
-    values[ACCUMULATED_IOU] = np.concatenate([[inter.sum() / union.sum()], (weights @ inter) / (weights @ union)])
-    return values
+    if metric == ACCUMULATED_IOU:
+        return rows["intersection"].to_numpy(np.float64), rows["union"].to_numpy(np.float64)
+    return rows[metric].to_numpy(np.float64), np.ones(len(rows))
 
 
-def localization_summary(table: pd.DataFrame, *, n_boot: int, seed: int, baseline: str = BASELINE) -> pd.DataFrame:
+def _weighted(pair: tuple[np.ndarray, np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """``[1 + B]``: the metric over all images, then under each row of ``weights [B, n]``
+    (multiplicities of the images in the table's order)."""
+    top, bottom = pair
+    return np.concatenate([[top.sum() / bottom.sum()], (weights @ top) / (weights @ bottom)])
+
+
+def _permutation_p(mode: tuple[np.ndarray, np.ndarray], base: tuple[np.ndarray, np.ndarray], n_perm: int,
+                   seed: int) -> float:
+    """Two-sided paired permutation p of mode - baseline: in each permutation every image's two
+    rows are swapped with probability 1/2."""
+    keep, swap = swap_weights(len(mode[0]), n_perm, seed)
+    top, bottom = np.concatenate([mode[0], base[0]]), np.concatenate([mode[1], base[1]])
+    permuted = untie((keep @ top) / (keep @ bottom) - (swap @ top) / (swap @ bottom))
+    observed = float(untie(np.array([mode[0].sum() / mode[1].sum() - base[0].sum() / base[1].sum()]))[0])
+    return permutation_p(observed, permuted)
+
+
+def localization_summary(table: pd.DataFrame, *, n_boot: int, n_perm: int, seed: int,
+                         baseline: str = BASELINE) -> pd.DataFrame:
     """Per summary metric and mode (columns :data:`SUMMARY_COLUMNS`): the mean over the images with its
     95% percentile-bootstrap interval and, for every mode but ``baseline``, the paired difference
-    mode - baseline with its 95% paired-bootstrap interval and standard error (the same ``n_boot``
-    resamples, drawn with ``seed``, for every mode and metric)."""
+    mode - baseline with its 95% paired-bootstrap interval, standard error (the same ``n_boot``
+    resamples, drawn with ``seed``, for every mode and metric) and paired permutation p-value
+    (``n_perm`` permutations)."""
     modes = list(dict.fromkeys(table["mode"]))
     if not modes:
         return pd.DataFrame(columns=list(SUMMARY_COLUMNS))
@@ -178,17 +202,19 @@ def localization_summary(table: pd.DataFrame, *, n_boot: int, seed: int, baselin
         if list(table.loc[table["mode"] == mode, "path"]) != order:
             raise ValueError(f"mode {mode!r} does not cover the same images as the others")
     weights = resample_weights(len(order), n_boot, seed)
-    values = {mode: _resampled(table, mode, weights) for mode in modes}
     rows = []
     for metric in SUMMARY_METRICS:
+        pairs = {mode: _statistic(table, mode, metric) for mode in modes}
+        values = {mode: _weighted(pair, weights) for mode, pair in pairs.items()}
         for mode in modes:
-            resampled = values[mode][metric]
+            resampled = values[mode]
             lo, hi = percentile_interval(resampled[1:])
             row = {"metric": metric, "mode": mode, "images": len(order), "mean": float(resampled[0]),
                    "mean_lo": lo, "mean_hi": hi}
             if mode != baseline and baseline in values:
-                d, d_lo, d_hi, se = bootstrap_difference(resampled, values[baseline][metric])
-                row.update({"diff": d, "diff_lo": d_lo, "diff_hi": d_hi, "diff_se": se})
+                d, d_lo, d_hi, se = bootstrap_difference(resampled, values[baseline])
+                row.update({"diff": d, "diff_lo": d_lo, "diff_hi": d_hi, "diff_se": se,
+                            "diff_p": _permutation_p(pairs[mode], pairs[baseline], n_perm, seed)})
             rows.append(row)
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 

@@ -3,8 +3,9 @@
 It opens with the verdict on the **primary metric** (better, worse, not robust to probe
 retraining, or no detectable difference with the smallest detectable one), then the secondary
 metrics with their intervals and no verdict words, the outlier effect (and, with object masks, the
-attention localization) in numbers, what a reader must know (probes that did not converge, strong register neurons left out by ``highest_layer``,
-leaks between splits), the side-by-side table, the probe refits, the run's settings and the figures.
+attention localization: :mod:`common.reporting.localization`) in numbers, what a reader must know
+(probes that did not converge, strong register neurons left out by ``highest_layer``, leaks between
+splits), the side-by-side table, the probe refits, the run's settings and the figures.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import pandas as pd
 from common.errors import UserError
 from common.evaluation.analysis import outlier_effect
 from common.evaluation.compare import BETTER, NOT_ROBUST, UNTESTABLE, WORSE, decide
-from common.evaluation.localization import ACCUMULATED_IOU, LocalizationResult, summary_value
 from common.evaluation.metrics import METRIC_LABELS, PROPORTIONS
 from common.evaluation.stats import ALPHA, POWER
 from common.io import write_text
@@ -36,6 +36,7 @@ from common.reporting.format import (
     percent,
     signed,
 )
+from common.reporting.localization import localization_effect, localization_section
 
 if TYPE_CHECKING:  # the run's state is built by the app layer, above this one
     from common.app.runstate import RunState
@@ -277,7 +278,8 @@ def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
     for section in extra_sections:
         lines += ["", section]
     if state.localization is not None:
-        lines += [""] + localization_section(state.localization, config["bootstrap_resamples"])
+        lines += [""] + localization_section(state.localization, config["bootstrap_resamples"],
+                                                  config["permutations"])
     write_text(state.options.out / "summary.md", "\n".join(lines) + "\n")
     return [verdict]
 
@@ -298,62 +300,3 @@ def _warnings(state: RunState) -> list[str]:
         notes.append(f"{len(state.dataset.leaks)} file(s) with identical content appear in two splits (see "
                      "--check_data); the test metrics may be optimistic.")
     return notes
-
-
-# --------------------------------------------------------------------------------------------
-# attention localization (docs/run.md)
-
-LOCALIZATION_LABELS = {"energy_in_mask": "energy in mask", "pointing_hit": "pointing hit",
-                       "iou": "IoU (mean over images)", ACCUMULATED_IOU: "IoU (accumulated over images)"}
-
-
-def localization_effect(result: LocalizationResult, mode: str = TTR, baseline: str = BASELINE) -> str:
-    """One sentence: the share of the last layer's CLS attention inside the object masks, baseline
-    and mode, with the paired difference and its interval (empty when not measured)."""
-    summary = result.summary
-    before = summary_value(summary, "energy_in_mask", baseline)
-    if is_missing(before) or is_missing(summary_value(summary, "energy_in_mask", mode)):
-        return ""
-    d, lo, hi = (summary_value(summary, "energy_in_mask", mode, c) for c in ("diff", "diff_lo", "diff_hi"))
-    return (f"Attention localization: on {int(summary_value(summary, 'energy_in_mask', mode, 'images'))} test "
-            f"images with an object mask, the share of the last layer's CLS attention inside the mask goes from "
-            f"{number(before)} ({baseline}) to {number(summary_value(summary, 'energy_in_mask', mode))} ({mode}), "
-            f"a difference of {signed(d)}, 95% CI {interval(lo, hi, sign=True)} (paired bootstrap).")
-
-
-def localization_section(result: LocalizationResult, n_boot: int, baseline: str = BASELINE) -> list[str]:
-    """The summary's attention-localization section: per metric and mode the mean with its interval
-    and the paired difference against ``baseline``, what each metric is, the figure, the notes."""
-    lines = ["## Attention localization", ""]
-    summary, table = result.summary, result.table
-    if len(summary):
-        images = int(summary["images"].iloc[0])
-        share = float(table.loc[table["mode"] == baseline, "mask_share"].mean()) if len(table) else float("nan")
-        lines += [f"Over {images} test image(s) with an object mask"
-                  + (f" ({len(result.left_out)} left out: their mask is empty after the preprocessing)"
-                     if result.left_out else "")
-                  + ": the last layer's CLS attention on the image patches (CLS, trained and test-time registers "
-                  "left out), averaged over heads and renormalised, upsampled bilinearly to the model's input and "
-                  "compared with the mask brought there by the image's own resize and crop (nearest-neighbour). "
-                  "Per image and mode in `localization.csv`.", ""]
-        lines += markdown_table(
-            ["metric", "mode", "mean [95% CI]", f"− {baseline} [95% CI]"],
-            [[LOCALIZATION_LABELS[row["metric"]], row["mode"], estimate(row["mean"], row["mean_lo"], row["mean_hi"]),
-              "" if row["mode"] == baseline else estimate(row["diff"], row["diff_lo"], row["diff_hi"], sign=True)]
-             for _, row in summary.iterrows()])
-        lines += ["", f"Energy in mask: the attention's share inside the mask (uniform attention would give the "
-                  f"mask's share of the image, {number(share)} on average here). Pointing hit: the share of images "
-                  "whose attention maximum lies inside the mask. IoU: the attention binarised at its mean (pixels "
-                  "above it) against the mask, per image and averaged; accumulated: intersections and unions summed "
-                  "over the images first (the form of the test-time-registers paper's zero-shot segmentation). "
-                  f"Intervals: percentile bootstrap over the images ({n_boot} resamples); differences: paired "
-                  "bootstrap, the same resamples for both modes. Exploratory: no test, no adjustment for "
-                  "multiplicity."]
-    elif result.left_out:
-        lines.append(f"Every test image with a mask ({len(result.left_out)}) was left out: each mask is empty after "
-                     "the preprocessing (cropped away).")
-    for name, caption in result.figures:
-        lines += ["", f"![{caption}](figures/{name})", "", f"*{caption}*"]
-    for note in result.notes:
-        lines += ["", f"Note: {note}."]
-    return lines

@@ -103,7 +103,7 @@ def test_localize_upsamples_each_mode_and_leaves_out_empty_masks():
 
 def test_summary_against_a_plain_bootstrap_loop():
     rng = np.random.default_rng(4)
-    n, boot, seed = 23, 200, 7
+    n, boot, perm, seed = 23, 200, 150, 7
     rows = []
     for i in range(n):
         for mode, shift in (("no-ttr", 0.0), ("ttr", 0.2)):
@@ -113,7 +113,7 @@ def test_summary_against_a_plain_bootstrap_loop():
                          "pointing_hit": float(rng.random() < 0.3 + shift), "iou": intersection / union,
                          "intersection": intersection, "union": union, "mask_share": 0.2})
     table = pd.DataFrame(rows)
-    summary = localization_summary(table, n_boot=boot, seed=seed)
+    summary = localization_summary(table, n_boot=boot, n_perm=perm, seed=seed)
     assert tuple(summary.columns) == SUMMARY_COLUMNS
     # the same resampled indices, the statistics by a loop
     draws = np.random.default_rng(seed).integers(0, n, size=(boot, n))
@@ -139,6 +139,19 @@ def test_summary_against_a_plain_bootstrap_loop():
         assert (ttr["diff_lo"], ttr["diff_hi"]) == pytest.approx((diffs[j - 1], diffs[boot - j]))
         assert ttr["diff_se"] == pytest.approx(np.std(diffs, ddof=1))
         assert math.isnan(base["diff"]) and ttr["images"] == n
+        # the permutation test by a loop: each image's two rows swapped with probability 1/2
+        swaps = np.random.default_rng([seed, 1]).random((perm, n)) < 0.5
+        permuted = []
+        for swap in swaps:
+            cols = ["energy_in_mask", "pointing_hit", "iou", "intersection", "union"]
+            as_ttr = by["ttr"].copy()
+            as_base = by["no-ttr"].copy()
+            as_ttr.loc[swap, cols] = by["no-ttr"].loc[swap, cols].to_numpy()
+            as_base.loc[swap, cols] = by["ttr"].loc[swap, cols].to_numpy()
+            permuted.append(value(as_ttr, metric, np.arange(n)) - value(as_base, metric, np.arange(n)))
+        observed = full["ttr"] - full["no-ttr"]
+        reach = np.count_nonzero(np.abs(np.array(permuted)) >= abs(observed) - 1e-12)
+        assert ttr["diff_p"] == pytest.approx((reach + 1) / (perm + 1))
     assert got.loc[("iou_accumulated", "ttr"), "mean"] != pytest.approx(got.loc[("iou", "ttr"), "mean"])
 
 
@@ -146,7 +159,7 @@ def test_summary_refuses_modes_over_different_images():
     table = pd.DataFrame([{"path": "a", "mode": "no-ttr"}, {"path": "b", "mode": "ttr"}],
                          columns=list(LOCALIZATION_COLUMNS)).fillna(0.5)
     with pytest.raises(ValueError, match="same images"):
-        localization_summary(table, n_boot=10, seed=0)
+        localization_summary(table, n_boot=10, n_perm=10, seed=0)
 
 
 # ------------------------------------------------------------------------- the planted models
