@@ -1,4 +1,4 @@
-"""The attention localization of a run (docs/run.md): the test images with an object mask, scored
+"""The attention localization of a run (docs/localization.md): the test images with an object mask, scored
 from the last-layer CLS attention maps the analysis pass keeps (:mod:`common.evaluation.localization`);
 ``localization.csv``, ``figures/localization.png`` and what the summary says.
 

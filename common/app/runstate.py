@@ -53,7 +53,7 @@ class RunState:
     not_converged: list[str] = field(default_factory=list)
     metrics: pd.DataFrame | None = None
     outliers: pd.DataFrame | None = None
-    localization: LocalizationResult | None = None        # docs/run.md: None without object masks
+    localization: LocalizationResult | None = None        # docs/localization.md: None without object masks
     timings: dict[str, float] = field(default_factory=dict)
     course_probes: dict = field(default_factory=dict)     # mode -> common.evaluation.course.CourseProbe
     detection_paths: list[str] | None = None              # the images detection runs on

@@ -1,5 +1,5 @@
 """Object masks: binary images marking a region of interest per image, for the attention
-localization of docs/run.md (a ``mask`` column in a manifest, the demo's synthetic masks).
+localization of docs/localization.md (a ``mask`` column in a manifest, the demo's synthetic masks).
 
 A mask is an image file of its image's size (after the image's EXIF orientation, which is applied
 to the mask too).  Its values decide what is inside:

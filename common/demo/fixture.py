@@ -24,6 +24,11 @@ The circuit, in reserved residual dimensions (nothing else writes into them):
   reads it and the matching key coordinate reads the outlier direction, so CLS attends to
   whatever token carries the outlier write: the outlier patches without test-time registers,
   the register under ttr (where the intervention moves the write).
+* ``OBJECT_DIM``: block ``planted_layer - 1``'s energy neurons also write a quarter of the energy
+  here, and the sink's key coordinate reads it too.  Textured (object) patches therefore draw the
+  CLS attention that the sinks leave: without ttr the sinks, on the uniform background, pull it
+  off the object; under ttr the register takes the sinks' share and, over the image patches, the
+  attention sits on the object (the localization of docs/localization.md).
 
 Where each piece is written in a given library's ViT: :mod:`common.demo.planting`.
 """
@@ -69,6 +74,8 @@ WRITE_NORM = 1.2
 CLS_MARK = 8.0
 SINK_QUERY_GAIN = 1.0
 SINK_KEY_GAIN = 2.5
+# The object's pull: the share of the texture energy written to OBJECT_DIM and the key gain on it
+# (weaker than the sink's: the sinks win whenever they are there).
 OBJECT_KEY_GAIN = 4.0
 OBJECT_WRITE = 0.25
 # Trained registers of the fixture (``trained_registers=4``) are high-norm by design, as in

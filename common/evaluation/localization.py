@@ -1,5 +1,5 @@
 """Attention localization: does the last layer's CLS attention sit on the object a mask marks, and
-does ttr move it there (docs/run.md, docs/statistics.md)?
+does ttr move it there (docs/localization.md, docs/statistics.md)?
 
 Per test image with a mask and per mode, from the **last layer's CLS -> image-patch attention**:
 the post-softmax CLS row, image patches only (CLS, trained registers and test-time registers left
