@@ -2,10 +2,11 @@
 
 It opens with the verdict on the **primary metric** (better, worse, not robust to probe
 retraining, or no detectable difference with the smallest detectable one), then the secondary
-metrics with their intervals and no verdict words, the outlier effect (and, with object masks, the
-attention localization: :mod:`common.reporting.localization`) in numbers, what a reader must know
-(probes that did not converge, strong register neurons left out by ``highest_layer``, leaks between
-splits), the side-by-side table, the probe refits, the run's settings and the figures.
+metrics with their intervals and no verdict words, the outlier effect (and, with object masks,
+the attention localization: :mod:`common.reporting.localization_summary`) in numbers, what a
+reader must know (probes that did not converge, strong register neurons left out by
+``highest_layer``, leaks between splits), the side-by-side table, the probe refits, the run's
+settings and the figures.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from common.reporting.format import (
     percent,
     signed,
 )
-from common.reporting.localization import localization_effect, localization_section
+from common.reporting.localization_summary import localization_effect, localization_section
 
 if TYPE_CHECKING:  # the run's state is built by the app layer, above this one
     from common.app.runstate import RunState

@@ -1,5 +1,5 @@
-"""The attention-localization part of summary.md (common/reporting/localization.py): the opening
-sentence and the section's table carry the summary table's numbers in the project's formatting."""
+"""The attention-localization part of summary.md (common/reporting/localization_summary.py): the
+opening sentence and the section's table carry the summary table's numbers in the project's formatting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from common.evaluation.localization import SUMMARY_COLUMNS, LocalizationResult
-from common.reporting.localization import localization_effect, localization_section
+from common.reporting.localization_summary import localization_effect, localization_section
 
 
 def _result(left_out=()) -> LocalizationResult:
