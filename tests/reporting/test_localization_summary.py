@@ -3,8 +3,6 @@ opening sentence and the section's table carry the summary table's numbers in th
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
 from common.evaluation.localization import SUMMARY_COLUMNS, LocalizationResult
