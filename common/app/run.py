@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import distributed
+from common.app.localize import localization_paths, write_localization
 from common.app.runstate import RunState, write_config
 from common.app.scoring import score, train_probes
 from common.app.settings import DatasetSpec, RunOptions, resolve_primary_metric, resolve_workers
@@ -289,11 +290,13 @@ def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
     if count == 0:
         return ["## Outlier tokens and attention\n\nSkipped: no test images (or analysis_images = 0)."], None
     paths = analysis_paths(test_paths, count, config["seed"])
+    extra = [p for p in localization_paths(state) if p not in paths]   # their attention maps only
     hooked = HookedViT(state.backbone)
     figure_count = min(config["figure_images"], count)
     base = {"kind": "analysis", **model_description(state), "images": fingerprints(paths),
-            "detect_layer": config["detect_outliers_layer"], "figure_images": figure_count}
-    pixels = state.bank.pixels(paths)
+            "detect_layer": config["detect_outliers_layer"], "figure_images": figure_count,
+            "localization_images": fingerprints(extra)}
+    pixels, extra_pixels = state.bank.pixels(paths), state.bank.pixels(extra)
     setups = {mode: _mode_setup(state, mode) for mode in state.modes}
 
     def run(modes: dict[str, ModeSetup], cached: dict[str, ModeAnalysis] | None = None):
@@ -301,7 +304,8 @@ def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
                        threshold=_run_threshold(state), detect_layer=config["detect_outliers_layer"],
                        intervened_layers=sorted(state.selected), figure_images=figure_count,
                        batch_size=config["batch_size"], title=f"{state.spec.title}: {state.backbone.description}",
-                       cached=cached)
+                       cached=cached, extra_pixels=extra_pixels,
+                       extra_labels=[state.dataset.display(p) for p in extra])
 
     results, reused = {}, []
     for mode, setup in setups.items():
@@ -313,6 +317,7 @@ def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
     if reused:
         log.info("analysis statistics of %s from the cache", ", ".join(reused))
     analysis = run(setups, cached=results)     # every mode at hand: assembles, runs no pass
+    write_localization(state, analysis)        # localization.csv, from the attention maps at hand
     return write_outputs(analysis, state.options.out), outlier_table(analysis)
 
 

@@ -18,6 +18,7 @@ from common.data.cache import Cache, library_versions
 from common.data.imagebank import ImageBank
 from common.data.registry import Dataset
 from common.evaluation.compare import SCHEMA_VERSION
+from common.evaluation.localization import LocalizationResult
 from common.io import write_json
 from common.models.backbone import Backbone
 from common.registers.features import FeatureSet
@@ -52,6 +53,7 @@ class RunState:
     not_converged: list[str] = field(default_factory=list)
     metrics: pd.DataFrame | None = None
     outliers: pd.DataFrame | None = None
+    localization: LocalizationResult | None = None        # docs/localization.md: None without object masks
     timings: dict[str, float] = field(default_factory=dict)
     course_probes: dict = field(default_factory=dict)     # mode -> common.evaluation.course.CourseProbe
     detection_paths: list[str] | None = None              # the images detection runs on

@@ -168,9 +168,11 @@ def build_dataset(name: str, root: Path, found: Found, notes: Notes, *, expected
     table = (table.sort_values(["_order", "path"], kind="stable")
                   .reset_index(drop=True)[TABLE_COLUMNS])
 
+    kept = set(table["path"])
     dataset = Dataset(name=name, root=root, layout=f"{found.layout}; {how}", table=table,
                       class_names=class_names, skipped=notes.skipped + notes.absent,
-                      warnings=notes.warnings, course_class_order=course, unused=unused)
+                      warnings=notes.warnings, course_class_order=course, unused=unused,
+                      masks={p: m for p, m in found.masks.items() if p in kept})
     counts = dataset.counts()
     for split in SPLITS:
         absent = [c for c in class_names if counts.at[c, split] == 0]

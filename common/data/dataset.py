@@ -97,7 +97,8 @@ class Dataset:
     ``course_class_order[j]`` is our label of the original course project's class ``j`` (it
     numbers classes by ``sorted()`` of the raw label values it read).  ``unused`` holds
     ``(absolute path, reason)`` for the files and folders under the root the layout did not use
-    (a folder's path ends with the path separator).
+    (a folder's path ends with the path separator).  ``masks`` maps an image's path to the path of
+    its object mask, for the images that have one (:mod:`common.data.masks`).
     """
 
     name: str
@@ -110,6 +111,7 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)  # every warning logged while loading
     course_class_order: list[int] = field(default_factory=list)
     unused: list[tuple[str, str]] = field(default_factory=list)
+    masks: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> pd.DataFrame:
         """Images per class (rows, in label order) and split (columns train, val, test)."""
@@ -130,10 +132,12 @@ class Found:
     label value as the original course code would have read it: a folder name, or the CSV
     cell after pandas' type inference), ``class_name`` and ``split`` (train|val|test, or None
     where the layout has no official split).  ``layout`` is the line that names the files read.
+    ``masks``: image path -> object mask path (absolute), for the images that have one.
     """
 
     table: pd.DataFrame
     layout: str
+    masks: dict[str, str] = field(default_factory=dict)
 
 
 def found_table(rows: list[tuple[str, object, str, str | None]]) -> pd.DataFrame:

@@ -7,7 +7,8 @@ Manifest columns are matched case-insensitively; the first alias present wins:
 path: ``path, filepath, file_path, file, filename, filenames, image, image_path, img``;
 label: ``class_name, classname, label, labels, class, category, code``;
 split: ``split, subset`` with values ``train``/``val``/``test`` (``valid``/``validation`` ->
-``val``, any case).  Relative paths resolve against the CSV's folder.
+``val``, any case); mask (optional, cells may be empty): ``mask``, the image's object mask
+(:mod:`common.data.masks`).  Relative paths resolve against the CSV's folder.
 
 Encodings: UTF-8 (with or without the BOM Excel writes) and UTF-16 (Excel's "Unicode text") are
 read as such; a CSV in another encoding (latin-1, cp1252) is refused where its column names or
@@ -36,14 +37,17 @@ from common.data.dataset import (
     has_surrogates,
     int_like,
     one_line,
+    parallel,
     printable,
 )
+from common.data.masks import check_mask
 from common.errors import UserError
 
 PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "filenames", "image",
                 "image_path", "img")
 LABEL_COLUMNS = ("class_name", "classname", "label", "labels", "class", "category", "code")
 SPLIT_COLUMNS = ("split", "subset")
+MASK_COLUMN = "mask"
 SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 _READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError, OSError, csv_module.Error)
@@ -197,12 +201,32 @@ def _listed_path(csv: Path, cell: str) -> str:
     return path
 
 
+def _listed_masks(csv: Path, cells: pd.Series, paths: list[str], present: list[bool], notes: Notes,
+                  on_missing: str) -> dict[str, str]:
+    """``{image: mask}`` of the rows whose mask cell is filled in and whose image exists; each mask
+    checked (found, readable, the image's size: headers only).  A bad mask is a :class:`UserError`
+    naming it (``on_missing="error"``), or is left out with one warning counting them."""
+    pairs = [(image, _listed_path(csv, cell.strip())) for image, cell, ok in zip(paths, cells, present)
+             if ok and cell.strip()]
+    problems = parallel(lambda pair: check_mask(pair[1], pair[0], notes.show), pairs, "checking masks")
+    bad = [problem for problem in problems if problem]
+    if bad and on_missing == "error":
+        raise UserError(bad[0] + (f" ({len(bad) - 1} more mask(s) like it in {printable(csv.name)})"
+                                  if len(bad) > 1 else ""))
+    if bad:
+        notes.warn(f"{len(bad)} mask(s) listed in {printable(csv.name)} left out: {first_few(bad, 2)}")
+    masks = {image: mask for (image, mask), problem in zip(pairs, problems) if not problem}
+    notes.uses(*masks.values())
+    return masks
+
+
 def read_manifest(csv: Path, to_class: Callable[[str], str | None], known: str, notes: Notes,
                   *, on_missing: str = "error") -> Found:
-    """Read a ``path,label[,split]`` CSV.  Relative paths resolve against the CSV's folder.
+    """Read a ``path,label[,split][,mask]`` CSV.  Relative paths resolve against the CSV's folder.
 
-    ``on_missing``: ``"error"`` (a manifest the user wrote: a listed file that does not exist
-    is a :class:`UserError`) or ``"skip"`` (a CSV shipped in a dataset folder: such rows are
+    ``on_missing``: ``"error"`` (a manifest the user wrote: a listed file that does not exist,
+    or a mask that is not found, cannot be read or has another size than its image, is a
+    :class:`UserError`) or ``"skip"`` (a CSV shipped in a dataset folder: such rows or masks are
     reported in one warning and left out).
     """
     if not csv.is_file():
@@ -232,5 +256,8 @@ def read_manifest(csv: Path, to_class: Callable[[str], str | None], known: str, 
     notes.uses(csv)
     rows = [(p, raw, n, s) for p, raw, n, s, ok
             in zip(paths, raw_labels(frame[label_col]), names, splits, present) if ok]
-    wanted = ",".join([path_col, label_col] + ([split_col] if split_col else []))
-    return Found(found_table(rows), f"CSV manifest {notes.show(csv)} (columns {wanted})")
+    has_masks = MASK_COLUMN in frame.columns
+    masks = _listed_masks(csv, frame[MASK_COLUMN], paths, present, notes, on_missing) if has_masks else {}
+    wanted = ",".join([path_col, label_col] + ([split_col] if split_col else []) + ([MASK_COLUMN] if has_masks else []))
+    with_masks = f"; object masks for {len(masks)} image(s)" if has_masks else ""
+    return Found(found_table(rows), f"CSV manifest {notes.show(csv)} (columns {wanted}{with_masks})", masks)

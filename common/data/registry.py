@@ -181,6 +181,10 @@ def check_data_report(dataset: Dataset) -> str:
     lines += ["", "Images per class and split:", table.to_string(), "",
               "Totals: " + ", ".join(f"{s} {int(counts[s].sum())}" for s in SPLITS)
               + f", all {len(dataset.table)}", ""]
+    if dataset.masks:
+        test = set(dataset.table.loc[dataset.table["split"] == "test", "path"])
+        lines += [f"Object masks: {len(dataset.masks)} image(s), {len(test & set(dataset.masks))} of them in test "
+                  "(attention localization)", ""]
     lines.append(f"Skipped files: {len(dataset.skipped)}")
     lines += [f"  {dataset.display(p)}: {r}" for p, r in dataset.skipped[:10]]
     if len(dataset.skipped) > 10:

@@ -24,6 +24,11 @@ The circuit, in reserved residual dimensions (nothing else writes into them):
   reads it and the matching key coordinate reads the outlier direction, so CLS attends to
   whatever token carries the outlier write: the outlier patches without test-time registers,
   the register under ttr (where the intervention moves the write).
+* ``OBJECT_DIM``: block ``planted_layer - 1``'s energy neurons also write a quarter of the energy
+  here, and the sink's key coordinate reads it too.  Textured (object) patches therefore draw the
+  CLS attention that the sinks leave: without ttr the sinks, on the uniform background, pull it
+  off the object; under ttr the register takes the sinks' share and, over the image patches, the
+  attention sits on the object (the localization of docs/localization.md).
 
 Where each piece is written in a given library's ViT: :mod:`common.demo.planting`.
 """
@@ -45,7 +50,8 @@ FILTER_DIMS = (0, 1, 2, 3)
 ENERGY_DIM = 4
 GATE_DIM = 5
 CLS_DIM = 6
-RESERVED_DIMS = FILTER_DIMS + (ENERGY_DIM, GATE_DIM, CLS_DIM)
+OBJECT_DIM = 7
+RESERVED_DIMS = FILTER_DIMS + (ENERGY_DIM, GATE_DIM, CLS_DIM, OBJECT_DIM)
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
@@ -67,7 +73,11 @@ WRITE_NORM = 1.2
 # (after each block's pre-attention norm, an outlier token lies almost along the direction).
 CLS_MARK = 8.0
 SINK_QUERY_GAIN = 1.0
-SINK_KEY_GAIN = 1.0
+SINK_KEY_GAIN = 2.5
+# The object's pull: the share of the texture energy written to OBJECT_DIM and the key gain on it
+# (weaker than the sink's: the sinks win whenever they are there).
+OBJECT_KEY_GAIN = 4.0
+OBJECT_WRITE = 0.25
 # Trained registers of the fixture (``trained_registers=4``) are high-norm by design, as in
 # DINOv2-reg and DINOv3: detection must not take them for outliers.
 TRAINED_REGISTER_NORM = 200.0
@@ -159,6 +169,7 @@ def _plant(adapter: FamilyAdapter, seed: int) -> list[tuple[int, int]]:
         set_neuron_input(mlp, neuron, row, 0.0)
         fc_out.weight[:, neuron] = 0.0
         fc_out.weight[ENERGY_DIM, neuron] = gains.energy_write
+        fc_out.weight[OBJECT_DIM, neuron] = gains.energy_write * OBJECT_WRITE
 
     # Block planted_layer: the register neurons, reading gate - energy, writing one big vector.
     mlp, fc_out = parts.mlp(PLANTED_LAYER), adapter.mlp_out(PLANTED_LAYER)
@@ -191,6 +202,7 @@ def _plant_sinks(adapter: FamilyAdapter, parts: Parts, direction: torch.Tensor) 
             weight[query_row] = 0.0
             weight[query_row, CLS_DIM] = SINK_QUERY_GAIN
             weight[key_row] = direction * SINK_KEY_GAIN
+            weight[key_row, OBJECT_DIM] = OBJECT_KEY_GAIN
             rows = [query_row, key_row]
             if partner is not None:
                 weight[width + head * head_dim + partner] = 0.0

@@ -13,7 +13,12 @@ patches) and a class-dependent foreground object (brightness, shape, size and as
 class; seeded jitter of position, size and texture inside the object only), which a linear
 probe on random-ViT features separates easily.  Content is deterministic for ``seed``: each
 image draws from its own ``numpy.random.Generator`` seeded with (seed, dataset, class, index).
-OrthoNet masks are the object's silhouette (8-bit grey, 0 or 255).
+
+Every image carries its known object mask (the object's silhouette, 8-bit grey, 0 or 255): in
+every layout it is written to the hidden folder ``.masks/`` under the root, at the image's
+relative path (:func:`synthetic_masks` finds them; the loaders ignore hidden folders), so the
+demo measures attention localization (docs/demo.md).  The OrthoNet Kaggle layout also writes the
+release's own mask files beside its training images, listed in train.csv's ``masks`` column.
 
 A finished tree carries a hidden marker file recording its parameters (the loaders ignore
 hidden files); calling again with the same parameters returns the tree untouched (same
@@ -46,13 +51,15 @@ logger = logging.getLogger(__name__)
 
 _MARKER = ".synthetic.json"
 _PARTIAL = ".synthetic-partial.json"
-_VERSION = 2
+_VERSION = 3
+MASK_FOLDER = ".masks"
 _STYLES = ("pacemaker", "implant", "fundus")
 
 
 def _object_image(rng: np.random.Generator, size: int, k: int, n_classes: int, style: str
-                  ) -> np.ndarray:
-    """One HxWx3 uint8 image: uniform background plus the class-``k`` object."""
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """One HxWx3 uint8 image, uniform background plus the class-``k`` object, and the object's
+    mask (``bool [H, W]``)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     # Class signal: brightness ramps with the class; shape, scale and aspect cycle with it.
     level = 95.0 + 140.0 * k / max(n_classes - 1, 1)
@@ -93,7 +100,7 @@ def _object_image(rng: np.random.Generator, size: int, k: int, n_classes: int, s
     grey = grey + rng.normal(0.0, 6.0, (size, size)).astype(np.float32)
     img = np.full((size, size, 3), background, np.uint8)
     img[mask] = np.clip(grey[mask, None] * tint, 1, 255).astype(np.uint8)
-    return img
+    return img, mask
 
 
 def _png(img: np.ndarray, path: Path) -> None:
@@ -103,23 +110,44 @@ def _png(img: np.ndarray, path: Path) -> None:
 
 
 class _Painter:
-    """Draws the images of one synthetic dataset (see :class:`common.data.dataset.Painter`)."""
+    """Draws the images of one synthetic dataset (see :class:`common.data.dataset.Painter`) under
+    ``root``, each with its object mask under ``root/.masks/``."""
 
-    def __init__(self, name: str, classes: int, image_size: int, seed: int, style: str) -> None:
+    def __init__(self, name: str, classes: int, image_size: int, seed: int, style: str, root: Path) -> None:
         self.seed = seed
         self._dataset = zlib.crc32(name.encode())  # stable per dataset, no table to keep
-        self._classes, self._size, self._style = classes, image_size, style
+        self._classes, self._size, self._style, self._root = classes, image_size, style, Path(root)
 
-    def _draw(self, k: int, n: int) -> np.ndarray:
+    def _draw(self, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self._dataset, k, n])
         return _object_image(rng, self._size, k, self._classes, self._style)
 
     def image(self, k: int, n: int, path: Path) -> None:
-        _png(self._draw(k, n), path)
+        image, mask = self._draw(k, n)
+        _png(image, path)
+        _png(_silhouette(mask), self._root / MASK_FOLDER / Path(path).relative_to(self._root))
 
     def mask(self, k: int, n: int, path: Path) -> None:
-        img = self._draw(k, n)
-        _png(np.where((img != img[0, 0]).any(axis=-1), 255, 0).astype(np.uint8), path)
+        _png(_silhouette(self._draw(k, n)[1]), path)
+
+
+def _silhouette(mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, 255, 0).astype(np.uint8)
+
+
+def synthetic_masks(root: str | Path, images: list[str]) -> dict[str, str]:
+    """``{image: mask}`` for the ``images`` under a synthetic tree ``root`` whose object mask is
+    there (under ``root/.masks/``); empty for any other folder."""
+    root = Path(root)
+    masks = {}
+    for image in images:
+        try:
+            mask = root / MASK_FOLDER / Path(image).relative_to(root)
+        except ValueError:                      # not under root
+            continue
+        if mask.is_file():
+            masks[image] = str(mask)
+    return masks
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -215,7 +243,7 @@ def make_synthetic(name: str, root: str | Path, *, classes: int | None = None, p
     try:
         write_json(temporary / _PARTIAL, {"pid": os.getpid(), "target": root.name})
         spec.write(temporary, classes, per_class, layout,
-                   _Painter(kind.name, classes, image_size, seed, spec.style))
+                   _Painter(kind.name, classes, image_size, seed, spec.style, temporary))
         write_json(temporary / _MARKER, params)
         (temporary / _PARTIAL).unlink()
         _move_into_place(temporary, root, params)

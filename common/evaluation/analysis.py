@@ -13,7 +13,11 @@ per-image reductions (never the activations themselves):
   gives ln P for P patches) and the share of CLS attention on the test-time register(s)
   (summed over registers, averaged over heads);
 * for the first ``figure_images`` images only: the image-patch norm map of every layer and the
-  CLS attention maps per head at the detect layer and the last layer (for :mod:`common.reporting.plots`).
+  CLS attention maps per head at the detect layer and the last layer (for :mod:`common.reporting.plots`);
+* in the last layer, per image: the CLS attention map over the image patches (head mean,
+  renormalised: :func:`common.evaluation.localization.cls_patch_map`), for the attention
+  localization, which also gets these maps for ``extra_pixels`` (the test images with a mask
+  outside the sample) from a lighter pass (:func:`common.evaluation.localization.last_layer_attention`).
 
 "Image patches" exclude CLS, the trained registers of ``*_reg`` / DINOv3 models and the
 test-time registers.
@@ -47,6 +51,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from common.evaluation.localization import cls_patch_map, last_layer_attention
 from common.models.hooks import HookedViT, HookFn, attn_cls_pattern, resid_post
 from common.registers.modes import BASELINE, TTR
 
@@ -62,8 +67,9 @@ ANALYSIS_BATCH_CAP = 16
 @dataclass
 class ModeAnalysis:
     """Per-image reductions of one mode.  ``n`` images, ``L`` layers, ``P`` image patches,
-    ``R`` test-time registers, ``H`` heads, ``F`` figure images, grid ``rows x cols``; the
-    figure attention maps hold two layers: the detect layer and the last layer."""
+    ``R`` test-time registers, ``H`` heads, ``F`` figure images, ``m`` extra images (localization
+    only), grid ``rows x cols``; the figure attention maps hold two layers: the detect layer and
+    the last layer."""
 
     num_registers: int
     max_patch_norm: np.ndarray            # [n, L]  largest image-patch norm
@@ -76,6 +82,8 @@ class ModeAnalysis:
     figure_norms: np.ndarray              # [F, L, rows, cols] image-patch norm maps
     figure_cls_attention: np.ndarray      # [F, 2, H, rows, cols] CLS attention on image patches (detect, last)
     figure_cls_on_register: np.ndarray    # [F, 2, H] CLS attention share on the registers (detect, last)
+    last_cls_attention: np.ndarray        # [n, P]  last layer, head mean, renormalised over image patches
+    extra_cls_attention: np.ndarray       # [m, P]  the same for the extra images
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
@@ -103,6 +111,7 @@ class Analysis:
     intervened_layers: list[int]
     title: str = ""
     notes: list[str] = field(default_factory=list)
+    extra_labels: list[str] = field(default_factory=list)   # the extra images (localization only)
 
     @property
     def figure_labels(self) -> list[str]:
@@ -124,7 +133,7 @@ class ModeSetup:
 @torch.no_grad()
 def _run_mode(hooked: HookedViT, pixels: torch.Tensor, normalise: Callable[[torch.Tensor], torch.Tensor],
               setup: ModeSetup, detect_layer: int, figure_count: int, batch_size: int,
-              desc: str) -> ModeAnalysis:
+              desc: str, extra_pixels: torch.Tensor) -> ModeAnalysis:
     backbone = hooked.backbone
     depth = backbone.num_layers
     rows, cols = backbone.grid_size
@@ -135,7 +144,8 @@ def _run_mode(hooked: HookedViT, pixels: torch.Tensor, normalise: Callable[[torc
     with_cls = backbone.has_cls      # without a class token there is no CLS attention: NaN (a note says so)
     names = [resid_post(l) for l in layers] + ([attn_cls_pattern(l) for l in layers] if with_cls else [])
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "max_norm", "max_att", "detect", "reg", "entropy", "on_reg", "on_patch", "fig_norm", "fig_att", "fig_reg")}
+        "max_norm", "max_att", "detect", "reg", "entropy", "on_reg", "on_patch", "fig_norm", "fig_att", "fig_reg",
+        "last_map")}
     seen = 0
     for start in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         images = normalise(pixels[start:start + batch_size])
@@ -159,6 +169,7 @@ def _run_mode(hooked: HookedViT, pixels: torch.Tensor, normalise: Callable[[torc
         parts["entropy"].append(entropy.mean(dim=1).cpu().numpy())
         parts["on_reg"].append(on_register[:, last].mean(dim=1).cpu().numpy())
         parts["on_patch"].append(on_patches.mean(dim=1).cpu().numpy())
+        parts["last_map"].append(cls_patch_map(final).cpu().numpy())
         take = max(0, min(batch, figure_count - seen))
         if take:
             shown = patch_attention[:take][:, [detect_layer, last]]                           # [F, 2, H, P]
@@ -172,6 +183,9 @@ def _run_mode(hooked: HookedViT, pixels: torch.Tensor, normalise: Callable[[torc
         return np.concatenate(parts[key]) if parts[key] else np.zeros((0, *shape), np.float32)
 
     heads = backbone.num_heads
+    extra = (last_layer_attention(hooked, extra_pixels, normalise, setup.num_registers, setup.fwd_hooks, batch_size,
+                                  desc=f"{desc}, localization images")
+             if with_cls else np.full((len(extra_pixels), rows * cols), math.nan, np.float32))
     return ModeAnalysis(
         num_registers=setup.num_registers,
         max_patch_norm=cat("max_norm", (depth,)), max_cls_patch_attention=cat("max_att", (depth,)),
@@ -179,6 +193,7 @@ def _run_mode(hooked: HookedViT, pixels: torch.Tensor, normalise: Callable[[torc
         cls_entropy=cat("entropy", ()), cls_on_register=cat("on_reg", ()), cls_on_patches=cat("on_patch", ()),
         figure_norms=cat("fig_norm", (depth, rows, cols)),
         figure_cls_attention=cat("fig_att", (2, heads, rows, cols)), figure_cls_on_register=cat("fig_reg", (2, heads)),
+        last_cls_attention=cat("last_map", (rows * cols,)), extra_cls_attention=extra,
     )
 
 
@@ -196,9 +211,13 @@ def analyse(
     batch_size: int = ANALYSIS_BATCH_CAP,
     title: str = "",
     cached: dict[str, ModeAnalysis] | None = None,
+    extra_pixels: torch.Tensor | None = None,
+    extra_labels: Sequence[str] = (),
 ) -> Analysis:
     """The analysis pass over ``pixels`` (``uint8 [n, 3, H, W]``, labelled by ``labels``): every
     image counts in the statistics, the first ``figure_images`` are also kept as maps.
+    ``extra_pixels`` (labelled by ``extra_labels``) only get their last-layer CLS attention maps
+    (for the localization).
 
     ``modes``: mode -> :class:`ModeSetup`, the baseline first.  ``detect_layer`` may be negative.
     A non-finite ``threshold`` is chosen from the baseline's detect-layer norms
@@ -208,13 +227,15 @@ def analyse(
     detect_index = hooked.layer_index(detect_layer)
     batch_size = max(1, min(int(batch_size), ANALYSIS_BATCH_CAP))
     figure_count = min(int(figure_images), len(pixels))
+    if extra_pixels is None:
+        extra_pixels = torch.zeros((0, *pixels.shape[1:]), dtype=torch.uint8)
     results: dict[str, ModeAnalysis] = {}
     for mode, setup in modes.items():
         if cached and mode in cached:
             results[mode] = cached[mode]
         else:
             results[mode] = _run_mode(hooked, pixels, normalise, setup, detect_index, figure_count, batch_size,
-                                      desc=f"analysis {mode}")
+                                      desc=f"analysis {mode}", extra_pixels=extra_pixels)
     notes = [] if backbone.has_cls else ["this model has no class token: the CLS attention statistics and maps "
                                          "are skipped (n/a)"]
     threshold = float(threshold) if threshold is not None else math.nan
@@ -232,7 +253,8 @@ def analyse(
         labels=list(labels), figure_inputs=inputs, modes=results, threshold=float(threshold),
         detect_layer=detect_index, num_layers=backbone.num_layers, num_heads=backbone.num_heads,
         grid=tuple(backbone.grid_size), num_registers=registers,
-        intervened_layers=sorted(hooked.layer_index(l) for l in intervened_layers), title=title, notes=notes)
+        intervened_layers=sorted(hooked.layer_index(l) for l in intervened_layers), title=title, notes=notes,
+        extra_labels=list(extra_labels))
 
 
 # --------------------------------------------------------------------------------------------

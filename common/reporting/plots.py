@@ -12,6 +12,8 @@ from a :class:`common.evaluation.analysis.Analysis` (:func:`write_outputs`).
   layers marked.
 * ``norm_histogram.png``: image-patch and register norms at the detect layer under ttr, no-ttr
   patch norms for reference, threshold line, log-scale counts.
+* ``localization.png`` (:func:`localization_maps`, runs with object masks): the last layer's CLS
+  attention upsampled onto the image with the mask's contour, no-ttr beside ttr.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from common.evaluation.analysis import (
     outlier_markdown,
     outlier_table,
 )
+from common.evaluation.localization import image_metrics, upsample
 from common.io import write_csv
 from common.registers.modes import BASELINE, TTR
 from common.reporting.figures import COLOURS, plt, save_png
@@ -278,6 +281,48 @@ def norm_histogram(analysis: Analysis, path: Path) -> None:
     ax.grid(alpha=0.3, which="major")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    save_png(fig, path)
+
+
+def localization_maps(inputs: np.ndarray, masks: np.ndarray, maps: dict[str, np.ndarray], labels: list[str],
+                      path: Path) -> None:
+    """One row per image (``inputs [F, H, W, 3]`` in [0, 1], ``masks bool [F, H, W]``), one column per mode
+    (``maps``: mode -> ``[F, rows, cols]``, no-ttr first): the attention upsampled as the metrics see
+    it, over the image, one colour scale per row; the mask's contour (cyan), the region above the
+    attention's mean that the IoU uses (white, dashed) and the attention's maximum (white cross)."""
+    modes = list(maps)
+    count = len(inputs)
+    fig, axes = plt.subplots(count, len(modes) + 1, figsize=(3.1 * (len(modes) + 1) + 0.6, 3.0 * count + 0.5),
+                             squeeze=False, layout="constrained")
+    for i in range(count):
+        mask = masks[i]
+        upsampled = upsample(np.stack([maps[mode][i] for mode in modes]), mask.shape)
+        scale = (0.0, float(upsampled.max()))
+        ax = axes[i, 0]
+        ax.imshow(inputs[i], interpolation="nearest")
+        ax.contour(mask, levels=[0.5], colors="cyan", linewidths=1.2)
+        ax.set_title(f"input, mask contour (cyan)\n{_wrap(labels[i], 34)}", fontsize=8)
+        for ax, mode, attention in zip(axes[i, 1:], modes, upsampled):
+            metrics = image_metrics(attention, mask)
+            ax.imshow(inputs[i].mean(axis=-1), cmap="gray", interpolation="nearest")
+            image = ax.imshow(attention, cmap=ATTENTION_CMAP, alpha=0.65, vmin=scale[0], vmax=scale[1],
+                              interpolation="nearest")
+            ax.contour(mask, levels=[0.5], colors="cyan", linewidths=1.2)
+            ax.contour(attention > attention.mean(), levels=[0.5], colors="white", linewidths=0.9,
+                       linestyles="dashed")
+            row, col = np.unravel_index(int(np.argmax(attention)), attention.shape)
+            ax.plot(col, row, marker="x", color="white", markersize=9, markeredgewidth=2, clip_on=False, zorder=10)
+            ax.set_title(f"{mode}: energy in mask {metrics['energy_in_mask']:.2f}\n"
+                         f"max inside: {'yes' if metrics['pointing_hit'] else 'no'}, IoU {metrics['iou']:.2f}",
+                         fontsize=8)
+        bar = fig.colorbar(image, ax=list(axes[i, 1:]), fraction=0.05, pad=0.02)
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label("attention (per pixel)", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Last-layer CLS attention (head mean, over the image patches) and the object mask, "
+                 + " beside ".join(modes), fontsize=10)
     save_png(fig, path)
 
 

@@ -2,9 +2,11 @@
 
 It opens with the verdict on the **primary metric** (better, worse, not robust to probe
 retraining, or no detectable difference with the smallest detectable one), then the secondary
-metrics with their intervals and no verdict words, the outlier effect in numbers, what a reader
-must know (probes that did not converge, strong register neurons left out by ``highest_layer``,
-leaks between splits), the side-by-side table, the probe refits, the run's settings and the figures.
+metrics with their intervals and no verdict words, the outlier effect (and, with object masks,
+the attention localization: :mod:`common.reporting.localization_summary`) in numbers, what a
+reader must know (probes that did not converge, strong register neurons left out by
+``highest_layer``, leaks between splits), the side-by-side table, the probe refits, the run's
+settings and the figures.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from common.reporting.format import (
     percent,
     signed,
 )
+from common.reporting.localization_summary import localization_effect, localization_section
 
 if TYPE_CHECKING:  # the run's state is built by the app layer, above this one
     from common.app.runstate import RunState
@@ -222,6 +225,8 @@ def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
         effect = outlier_effect(state.outliers)
         if effect:
             lines += ["", effect]
+    if state.localization is not None and localization_effect(state.localization):
+        lines += ["", localization_effect(state.localization)]
     lines += ["", "These p-values are for this one run: when many datasets, backbones or settings are compared, "
               "correct for multiplicity (`python -m common.study` applies Holm over the primary metric of its main "
               "cells; `python -m common.report` over the runs' primary metrics)."]
@@ -278,6 +283,9 @@ def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
               f"`{config['feature']}`, {len(config['probe_seeds'])} probe seeds"]
     for section in extra_sections:
         lines += ["", section]
+    if state.localization is not None:
+        lines += [""] + localization_section(state.localization, config["bootstrap_resamples"],
+                                                  config["permutations"])
     write_text(state.options.out / "summary.md", "\n".join(lines) + "\n")
     return [verdict]
 

@@ -321,6 +321,17 @@ def test_demo_runs_end_to_end(end_to_end, script, model):
     assert outliers.loc["ttr", "cls_attention_on_register"] > 10 / (patches + 2)
     assert outliers.loc["no-ttr", "patch_share_above_threshold"] > 0.1
     assert outliers.loc["ttr", "patch_share_above_threshold"] == 0.0
+    # attention localization on the synthetic images' object masks (docs/localization.md): every test
+    # image, both modes, the documented columns; the planted sinks sit off the object, ttr raises the
+    # attention's share inside the mask
+    located = pd.read_csv(out / "localization.csv")
+    assert list(located.columns) == ["path", "mode", "energy_in_mask", "pointing_hit", "iou", "intersection",
+                                     "union", "mask_share"]
+    assert sorted(located["mode"].unique()) == ["no-ttr", "ttr"]
+    assert len(located) == 2 * int((splits["split"] == "test").sum())
+    energy = located.groupby("mode")["energy_in_mask"].mean()
+    assert energy["ttr"] > energy["no-ttr"] + 0.1, energy.to_dict()
+    assert "## Attention localization" in summary and (out / "figures" / "localization.png").is_file()
     # each image decoded once
     assert config["images_decoded"] == len(splits)
 

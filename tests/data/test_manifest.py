@@ -1,14 +1,17 @@
-"""Label CSVs (common/data/manifest.py): the path,label[,split] manifest, its errors, names that are not
-UTF-8, encodings and separators."""
+"""Label CSVs (common/data/manifest.py): the path,label[,split][,mask] manifest, its errors, names that are
+not UTF-8, encodings and separators, object masks."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from common.data.registry import load_dataset, write_splits
+from common.data.registry import check_data_report, load_dataset, write_splits
 from common.demo.synthetic import make_synthetic
 from common.errors import UserError
 from datatrees import one_line_error, png, raw_png
@@ -173,3 +176,59 @@ def test_a_manifest_written_on_windows_names_files_with_backslashes(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     ds = load_dataset("manifest", manifest=tmp_path / "m.csv")
     assert sorted(ds.table["path"]) == sorted(str(tmp_path / "imgs" / f"{c}{i}.png") for c in "ab" for i in range(6))
+
+
+# ---------------------------------------------------------------- the mask column
+
+
+def _mask_png(path: Path, size=(16, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size[::-1], 255, np.uint8)).save(path)
+    return path
+
+
+def _masked_rows(tmp_path: Path, mask_of=lambda label, i: f"masks/{label}_{i}.png" if i % 2 else ""):
+    rows = []
+    for label in ("a", "b"):
+        for i, split in enumerate(["train"] * 4 + ["val", "test", "test"]):
+            image = png(tmp_path / "img" / f"{label}_{i}.png").relative_to(tmp_path)
+            mask = mask_of(label, i)
+            if mask:
+                _mask_png(tmp_path / mask)
+            rows.append((image, label, split, mask))
+    return rows
+
+
+def test_mask_column_attaches_masks_by_image(tmp_path):
+    """Masks resolve like the images (relative to the CSV's folder); empty cells: no mask."""
+    rows = _masked_rows(tmp_path)
+    ds = load_dataset("manifest", None, manifest=_manifest(tmp_path, rows, header="path,label,split,Mask"))
+    expected = {str((tmp_path / image).resolve()): str((tmp_path / mask).resolve())
+                for image, _, _, mask in rows if mask}
+    assert ds.masks == expected and len(expected) == 6
+    assert "object masks for 6 image(s)" in ds.layout and "mask" in ds.layout
+    assert "Object masks: 6 image(s), 2 of them in test" in check_data_report(ds)
+
+
+def test_manifest_without_mask_column_has_no_masks(tmp_path):
+    rows = [r[:3] for r in _masked_rows(tmp_path)]
+    assert load_dataset("manifest", None, manifest=_manifest(tmp_path, rows)).masks == {}
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("wrong size", r"mask .*masks/a_1\.png is 15x16 px but its image .*img/a_1\.png is 16x16; give a binary mask"),
+    ("unreadable", r"mask .*masks/a_1\.png cannot be read .*; give a binary mask image"),
+    ("missing", r"mask .*masks/a_1\.png \(of image .*img/a_1\.png\) not found; fix the mask column"),
+])
+def test_a_bad_mask_is_a_one_line_error_naming_it(tmp_path, problem, message):
+    rows = _masked_rows(tmp_path)
+    bad = tmp_path / "masks" / "a_1.png"
+    if problem == "wrong size":
+        _mask_png(bad, size=(15, 16))
+    elif problem == "unreadable":
+        bad.write_text("<html>not a mask</html>")
+    else:
+        bad.unlink()
+    with pytest.raises(UserError) as excinfo:
+        load_dataset("manifest", None, manifest=_manifest(tmp_path, rows, header="path,label,split,mask"))
+    assert re.search(message, one_line_error(excinfo)), one_line_error(excinfo)

@@ -223,3 +223,21 @@ def test_planted_outliers_are_attention_sinks(analysed):
     assert table.loc["ttr", "cls_attention_entropy"] > table.loc["no-ttr", "cls_attention_entropy"] + 0.5
     uniform = 1.0 / (grid * grid + 2)
     assert table.loc["ttr", "cls_attention_on_register"] > 10 * uniform
+
+
+def test_last_layer_maps_for_the_localization(analysed):
+    """Per image the last layer's CLS attention on the image patches, head mean, renormalised to
+    sum to 1 (what the localization scores): equal to a recomputation from the weights."""
+    pm, analysis, pixels, normalise = analysed
+    hooked = HookedViT(pm.backbone)
+    last = pm.backbone.num_layers - 1
+    x = normalise(pixels)
+    ttr_hooks = Intervention(_neurons(pm.planted)).fwd_hooks(hooked.token_layout(1))
+    _, plain = hooked.run_with_cache(x, [resid_post(last - 1)])
+    _, moved = hooked.run_with_cache(x, [resid_post(last - 1)], num_registers=1, fwd_hooks=ttr_hooks)
+    patches = analysis.grid[0] * analysis.grid[1]
+    for mode, inputs in (("no-ttr", plain), ("ttr", moved)):
+        attention = _last_cls_attention(pm, inputs[resid_post(last - 1)])[:, :, 1:1 + patches].mean(dim=1)
+        expected = (attention / attention.sum(dim=-1, keepdim=True)).numpy()
+        np.testing.assert_allclose(analysis.modes[mode].last_cls_attention, expected, rtol=1e-4, atol=1e-6)
+        assert analysis.modes[mode].extra_cls_attention.shape == (0, patches)

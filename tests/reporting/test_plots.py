@@ -26,3 +26,20 @@ def test_a_pair_shares_one_scale_from_its_own_minimum():
     assert _pair_scale(a, b) == (3.0, 9.0)
     low, high = _pair_scale(np.full((2, 2), 7.0), np.full((2, 2), 7.0))   # flat maps still get a range
     assert low == 7.0 and high > low
+
+
+def test_localization_figure_is_drawn(tmp_path):
+    """Two images, no-ttr beside ttr: one PNG with a row per image and the input column first."""
+    from PIL import Image
+
+    from common.reporting.plots import localization_maps
+
+    rng = np.random.default_rng(1)
+    inputs = rng.random((2, 32, 32, 3))
+    masks = np.zeros((2, 32, 32), bool)
+    masks[:, 8:24, 8:24] = True
+    maps = {"no-ttr": rng.random((2, 4, 4)), "ttr": rng.random((2, 4, 4))}
+    path = tmp_path / "figures" / "localization.png"
+    localization_maps(inputs, masks, maps, ["a.png", "b.png"], path)
+    width, height = Image.open(path).size
+    assert width > height > 0                  # three panels across, two rows
