@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import distributed
+from common.app.controls import analysis_setup, control_inputs, figure_modes, mode_run, run_modes
 from common.app.runstate import RunState, write_config
 from common.app.scoring import score, train_probes
 from common.app.settings import DatasetSpec, RunOptions, resolve_primary_metric, resolve_workers
@@ -45,10 +46,12 @@ from common.registers.detection import (
     detection_batch_size,
     suggest_threshold,
 )
-from common.registers.features import FeatureSet, extract_batch
-from common.registers.intervention import Intervention, mode_setup
+from common.registers.controls import ModeRun, extract_mode_batch
+from common.registers.features import FeatureSet
+from common.registers.intervention import Intervention
 from common.registers.modes import MODES
 from common.registers.neurons import NeuronRanking
+from common.registers.trained import TrainedRegisterStats
 from common.reporting.plots import write_outputs
 from common.reporting.summary import write_summary
 
@@ -246,7 +249,8 @@ def _detect(state: RunState) -> NeuronRanking:
         if state.main:
             log.info("detection: from the cache (%d of %d images counted)", info["images_counted"], info["images_used"])
         ranked = list(zip(arrays["layers"].tolist(), arrays["neurons"].tolist(), arrays["scores"].tolist()))
-        return NeuronRanking(ranked=ranked, identity=backbone.identity, **info)
+        return NeuronRanking(ranked=ranked, identity=backbone.identity, trained=TrainedRegisterStats.from_arrays(arrays),
+                             **info)
 
     ranking, _ = cached_stage(state, "detection", description, lambda: _detect_uncached(state, paths),
                               encode=_ranking_arrays, decode=decode)
@@ -300,19 +304,7 @@ def _ranking_arrays(result: NeuronRanking) -> dict[str, np.ndarray]:
     return {"layers": np.array([l for l, _, _ in result.ranked], np.int32),
             "neurons": np.array([n for _, n, _ in result.ranked], np.int32),
             "scores": np.array([s for _, _, s in result.ranked], np.float64),
-            "meta": np.array(json.dumps(meta))}
-
-
-def _mode_setup(state: RunState, mode: str) -> ModeSetup:
-    registers, intervention = mode_setup(mode, state.intervention, state.config["num_registers"])
-    hooks = intervention.fwd_hooks(HookedViT(state.backbone).token_layout(registers)) if intervention else []
-    return ModeSetup(registers, hooks)
-
-
-def _mode_description(state: RunState, mode: str) -> dict:
-    registers, intervention = mode_setup(mode, state.intervention, state.config["num_registers"])
-    return {"mode": mode, "num_registers": registers,
-            "intervention": intervention.describe() if intervention else None}
+            "meta": np.array(json.dumps(meta)), **(result.trained.arrays() if result.trained is not None else {})}
 
 
 def stage_features(state: RunState) -> tuple[dict[tuple[str, str], FeatureSet], dict[str, int]]:
@@ -322,10 +314,10 @@ def stage_features(state: RunState) -> tuple[dict[tuple[str, str], FeatureSet], 
     features: dict[tuple[str, str], FeatureSet] = {}
     hits: dict[str, int] = {}
     for mode in state.modes:
-        setup = _mode_setup(state, mode)
+        setup = mode_run(state, mode)
         for split in SPLITS:
             paths = state.split_paths(split)
-            description = {"kind": "features", **_model_description(state), **_mode_description(state, mode),
+            description = {"kind": "features", **_model_description(state), **setup.describe(),
                            "images": fingerprints(paths)}
             found, hit = cached_stage(
                 state, "features", description, lambda: _extract(state, paths, setup, f"features {mode} {split}"),
@@ -342,14 +334,18 @@ def stage_features(state: RunState) -> tuple[dict[tuple[str, str], FeatureSet], 
     return features, hits
 
 
-def _extract(state: RunState, paths: list[str], setup: ModeSetup, desc: str) -> FeatureSet | None:
+def _extract(state: RunState, paths: list[str], setup: ModeRun, desc: str) -> FeatureSet | None:
     """Features of ``paths``: each rank extracts its share of the batches, rank 0 gathers them (None elsewhere)."""
     hooked, dist, batch = HookedViT(state.backbone), state.dist, state.config["batch_size"]
     count, mine = my_batches(state, paths, batch)
     parts: dict[int, FeatureSet] = {}
+
+    def donor(number: int):   # the last image of the previous batch (a shuffle's batch of one)
+        return lambda: state.bank.normalise(state.bank.pixels([paths[number * batch - 1]]))
+
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not state.main) as bar:
         for number, images in zip(mine, state.bank.batches(paths, batch, indices=mine)):
-            parts[number] = extract_batch(hooked, images, num_registers=setup.num_registers, fwd_hooks=setup.fwd_hooks)
+            parts[number] = extract_mode_batch(hooked, images, setup, number, donor(number))
             bar.update(images.shape[0] * dist.world)
     gathered = dist.gather_batches(parts, count)
     return FeatureSet.concatenate(gathered) if gathered is not None else None
@@ -370,7 +366,7 @@ def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
     base = {"kind": "analysis", **_model_description(state), "images": fingerprints(paths),
             "detect_layer": config["detect_outliers_layer"], "figure_images": figure_count}
     pixels = state.bank.pixels(paths)
-    setups = {mode: _mode_setup(state, mode) for mode in state.modes}
+    setups = {mode: analysis_setup(state, mode) for mode in state.modes}
 
     def run(modes: dict[str, ModeSetup], cached: dict[str, ModeAnalysis] | None = None):
         return analyse(hooked, pixels, state.bank.normalise, modes, labels=[state.dataset.display(p) for p in paths],
@@ -382,14 +378,15 @@ def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
     results, reused = {}, []
     for mode, setup in setups.items():
         results[mode], hit = cached_stage(
-            state, "analysis", {**base, **_mode_description(state, mode)},
+            state, "analysis", {**base, **mode_run(state, mode).describe()},
             lambda: run({mode: setup}).modes[mode], encode=ModeAnalysis.arrays, decode=ModeAnalysis.from_arrays,
             shared=False)
         reused += [mode] if hit else []
     if reused:
         log.info("analysis statistics of %s from the cache", ", ".join(reused))
     analysis = run(setups, cached=results)     # every mode at hand: assembles, runs no pass
-    return write_outputs(analysis, state.options.out), outlier_table(analysis)
+    # the controls' outlier shares go to controls.csv, not to the figures and outliers.csv
+    return write_outputs(figure_modes(analysis), state.options.out), outlier_table(analysis)
 
 
 def _run_threshold(state: RunState) -> float:
@@ -442,6 +439,7 @@ def _run_stages(state: RunState, device: torch.device, planted: PlantedModel | N
     if options.demo and options.image_path is None:
         options.image_path = _demo_data(state)
     state.backbone = stage_backbone(state, device, planted)
+    state.modes = run_modes(state)
     state.planted = list(planted.planted) if planted is not None else []
     state.dataset = stage_dataset(state)
     if options.reference_probes:   # checked against the classes and the feature width before any extraction
@@ -462,6 +460,7 @@ def _run_stages(state: RunState, device: torch.device, planted: PlantedModel | N
         state.ranking = stage_neurons(state, ranking)
         state.selected = select_neurons(state)
         state.intervention = Intervention.from_config(state.selected, config)
+        state.controls = control_inputs(state, lambda: _detection_paths(state))
         state.features, state.cache_hits = stage_features(state)
     finally:
         if private is not None:

@@ -20,6 +20,7 @@ from common.data.registry import Dataset
 from common.evaluation.compare import SCHEMA_VERSION
 from common.io import write_json
 from common.models.backbone import Backbone
+from common.registers.controls import ControlInputs
 from common.registers.features import FeatureSet
 from common.registers.intervention import Intervention
 from common.registers.neurons import NeuronRanking
@@ -45,6 +46,7 @@ class RunState:
     ranking: NeuronRanking | None = None
     selected: dict[int, list[int]] = field(default_factory=dict)
     intervention: Intervention | None = None
+    controls: ControlInputs | None = None                 # what the control modes need (common.app.controls)
     features: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
     planted: list[tuple[int, int]] = field(default_factory=list)
     cache_hits: dict[str, int] = field(default_factory=dict)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import configs
 from common.errors import UserError
-from common.registers.modes import EXTRA_MODES
+from common.registers.modes import EXTRA_MODES, inapplicable
 
 if TYPE_CHECKING:
     from common.models.family import ModelIdentity
@@ -129,7 +129,8 @@ NUMBER_OR_AUTO_KEYS = ("register_norm_threshold",)
 COUNT_OR_AUTO_KEYS = ("num_workers",)
 # Keys that take an integer of at least this much.
 LOWEST = {"batch_size": 1, "detect_images": 1, "probe_max_epochs": 1, "probe_patience": 1,
-          "bootstrap_resamples": 1, "permutations": 1, "probe_refits": 0, "figure_images": 0, "analysis_images": 0}
+          "bootstrap_resamples": 1, "permutations": 1, "probe_refits": 0, "figure_images": 0, "analysis_images": 0,
+          "random_draws": 1}
 # ... and these only with a model (the run defaults alone have none of them).
 LOWEST_WITH_MODEL = {"num_registers": 1, "top_k": 1}
 
@@ -315,6 +316,11 @@ def validate_for_model(config: dict, identity: ModelIdentity) -> None:
     if config["top_k"] > most:
         raise UserError(f"top_k={config['top_k']} exceeds the {most} neurons of {identity.describe()}: "
                         f"use 1..{most}")
+    bad = inapplicable(config["extra_modes"], identity.trained_registers)
+    if bad:
+        raise UserError(f"extra_modes: {bad[0]} applies to models with trained registers (DINOv2 _reg, DINOv3, "
+                        f"Virchow2, a timm model with reg_tokens); {identity.describe()} has none: leave it out "
+                        "(--controls turns on the controls that apply)")
 
 
 def resolve_workers(value: int | str, device_type: str) -> int:

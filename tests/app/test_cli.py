@@ -259,7 +259,9 @@ def end_to_end(tmp_path_factory) -> dict:
                 "torchrun": pool.submit(_torchrun, base),
                 "extra": pool.submit(_demo, base, "test_pacemaker.py", "clip", "--set",
                                      "extra_modes=('no-ttr-removed',)", "--set", "intervention_max=neuron",
-                                     name="extra_modes")}
+                                     name="extra_modes"),
+                "controls": pool.submit(_demo, base, "test_aptos.py", "dinov3", "--controls", "--set", "random_draws=2",
+                                        name="controls")}
         jobs.update({case: pool.submit(_demo, base, *case) for case in DEMO_CASES})
         return {key: job.result() for key, job in jobs.items()}
 
@@ -400,6 +402,38 @@ def test_extra_modes_and_per_neuron_max(end_to_end):
 
 
 @pytest.mark.slow
+def test_demo_with_controls(end_to_end):
+    """--controls on a model with trained registers: every control a row of metrics.csv scored
+    against no-ttr, controls.csv, and the summary placing ttr among the random draws."""
+    out, result = end_to_end["controls"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    controls = ["no-ttr-removed", "ttr-mean", "ttr-noise", "ttr-shuffle", "trained-zero", "trained-mean",
+                "trained-noise", "trained-shuffle", "ttr-random-01", "ttr-random-02"]
+    assert config["modes"] == ["no-ttr", "ttr", *controls] and config["config"]["controls"] is True
+    rows = pd.read_csv(out / "metrics.csv").set_index("mode")
+    assert list(rows.index) == config["modes"]
+    for mode in controls:
+        assert np.isfinite(rows.loc[mode, "qwk_diff"]) and 0 < rows.loc[mode, "p_qwk"] <= 1
+        assert rows.loc[mode, "refits"] == 0 and (out / f"predictions_{mode}.csv").is_file()
+    assert rows.loc["ttr", "refits"] == 1
+    table = pd.read_csv(out / "controls.csv").set_index("mode")
+    assert list(table.index) == ["ttr", *controls]
+    np.testing.assert_allclose(table.loc[controls, "primary_diff"], rows.loc[controls, "qwk_diff"])
+    selected = {layer: set(ids) for layer, ids in config["selected_neurons"].items()}
+    for mode in ("ttr-random-01", "ttr-random-02"):
+        drawn = json.loads(table.loc[mode, "neurons"])
+        assert {layer: len(ids) for layer, ids in drawn.items()} == {k: len(v) for k, v in selected.items()}
+        assert all(not set(ids) & selected[layer] for layer, ids in drawn.items())
+    shares = table["patch_share_above_threshold"]
+    assert shares["ttr"] < min(shares["ttr-random-01"], shares["ttr-random-02"])     # the planted outliers go
+    summary = (out / "summary.md").read_text()
+    section = summary.split("## Controls", 1)[1].split("## Run", 1)[0]
+    assert "percentile 0 of the draws' (median" in section and "`trained-shuffle`" in section
+    assert list(pd.read_csv(out / "outliers.csv")["mode"]) == ["no-ttr", "ttr", "no-ttr-removed"]
+
+
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(end_to_end):
     runs = end_to_end["torchrun"]
     (single, one), (ranked, two) = runs["single"], runs["ranks"]
@@ -463,7 +497,7 @@ def test_interrupt_leaves_a_resumable_run(tmp_path, capsys, monkeypatch):
     args = ["--demo", "--model", "clip", "--image_path", str(data), "--out", str(tmp_path / "out"),
             "--cache_dir", str(tmp_path / "cache"), *FAST]
     calls = {"n": 0}
-    original = run_module.extract_batch
+    original = run_module.extract_mode_batch
 
     def interrupted(*a, **k):
         calls["n"] += 1
@@ -471,13 +505,13 @@ def test_interrupt_leaves_a_resumable_run(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return original(*a, **k)
 
-    monkeypatch.setattr(run_module, "extract_batch", interrupted)
+    monkeypatch.setattr(run_module, "extract_mode_batch", interrupted)
     code, _, err = cli(capsys, "orthonet", *args)
     assert code == 130 and "resume" in err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["status"] == "interrupted"
     written = list((tmp_path / "cache" / "features").rglob("*.npz"))
     assert written and all(read_checked_npz(p, p.stem) is not None for p in written)
-    monkeypatch.setattr(run_module, "extract_batch", original)
+    monkeypatch.setattr(run_module, "extract_mode_batch", original)
     code, out, err = cli(capsys, "orthonet", *args)
     assert code == 0, err
     assert _reused(out)[0] == len(written)
