@@ -9,9 +9,11 @@ bank serves every mode: no decoding is timed here, the inputs are tensors).  Eac
 extraction pass with :func:`common.registers.controls.extract_mode_batch`, the function a run
 uses, over the same batches; its ratio to the ttr pass of the same model is computed per round and
 reported as the median over the rounds (target <= 1.05 each).  The sides run in one process,
-interleaved: every round runs each side once, every other round in the reverse order, so the
-drifts of a shared machine hit every side alike.  A second ttr pass (``ttr_b``) is the A/A
-control: the spread of ``ttr_b / ttr`` is the noise floor of the run.
+interleaved per batch: a round takes each batch in turn and runs every side on it back to back
+(every other batch in the reverse order), so that the sides of a ratio are seconds apart and the
+drifts of a shared machine hit every side alike; a side's time in a round is the sum over its
+batches.  A second ttr pass (``ttr_b``) is the A/A control: the spread of ``ttr_b / ttr`` is the
+noise floor of the run.
 
 Two real architectures with random weights: open_clip ViT-B/16 (the ttr controls: a random-neuron
 draw, ttr-mean, ttr-noise, ttr-shuffle, no-ttr-removed) and timm DINOv2 ViT-S/14 with 4 trained
@@ -68,23 +70,27 @@ def benchmark(name: str, images: int, batch: int, rounds: int, device: str) -> d
     sides = {"ttr": "ttr", "ttr_b": "ttr", **{mode: mode for mode in controls}}
     runs = {side: mode_setup(mode, intervention, int(config["num_registers"]), inputs) for side, mode in sides.items()}
 
-    def one_pass(side: str) -> float:
-        gc.collect()
+    def one_batch(side: str, number: int) -> float:
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for number, images_ in enumerate(batches):
-            extract_mode_batch(hooked, images_, runs[side], number)     # features to host numpy, as a run does
+        extract_mode_batch(hooked, batches[number], runs[side], number)   # features to host numpy, as a run does
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     order = list(sides)
-    one_pass("ttr")                                                     # warm-up, not timed
+    for number in range(len(batches)):                                  # warm-up, not timed
+        one_batch("ttr", number)
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     for round_ in range(rounds):
-        for side in (order if round_ % 2 == 0 else order[::-1]):
-            seconds[side].append(one_pass(side))
+        gc.collect()
+        spent = dict.fromkeys(sides, 0.0)
+        for number in range(len(batches)):
+            for side in (order if (round_ + number) % 2 == 0 else order[::-1]):
+                spent[side] += one_batch(side, number)
+        for side in sides:
+            seconds[side].append(spent[side])
         log(f"[{name}] round {round_ + 1}/{rounds}: " + ", ".join(f"{s} {seconds[s][-1]:.2f}s" for s in order))
     ratios = {}
     for side in sides:
@@ -98,7 +104,7 @@ def benchmark(name: str, images: int, batch: int, rounds: int, device: str) -> d
     return {
         "setup": name, "backbone": backbone.description, "device": str(backbone.device), "images": images,
         "batch": batch, "rounds": rounds, "register_neurons": {str(k): v for k, v in selected.items()},
-        "order": ", ".join(order) + "; reversed on odd rounds",
+        "order": "per batch: " + ", ".join(order) + "; reversed on every other batch",
         **{key: stats["median"] for key, stats in ratios.items()},
         "all_met": all(stats.get("met", True) for stats in ratios.values()),
         "ratios": ratios, "seconds": {side: summarise(values) for side, values in seconds.items()},
