@@ -62,6 +62,17 @@ def test_a_control_that_does_not_apply_to_the_model_is_one_line(tmp_path, capsys
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+@pytest.mark.parametrize("item, needle", [
+    ("extra_modes=('ttr-noize',)", "'ttr-noize' is not an extra mode"),
+    ("random_draws=-1", "random_draws=-1"),
+])
+def test_an_unknown_control_on_the_command_line_exits_2(tmp_path, capsys, item, needle):
+    code = main(APTOS, ["--demo", "--model", "clip", "--controls", "--out", str(tmp_path / "out"), "--set", item])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_trained_statistics_without_a_detection_pass(tmp_path):
     """Neurons from a file: the statistics come from one pass over the detection images, the
     same as computed directly; a run without a trained control (or with them from detection) skips it."""
