@@ -13,7 +13,8 @@ interleaved per batch: a round takes each batch in turn and runs every side on i
 (every other batch in the reverse order), so that the sides of a ratio are seconds apart and the
 drifts of a shared machine hit every side alike; a side's time in a round is the sum over its
 batches.  A second ttr pass (``ttr_b``) is the A/A control: the spread of ``ttr_b / ttr`` is the
-noise floor of the run.
+noise floor of the run.  Process CPU time is recorded beside the wall time (``cpu_time_ratios``):
+on a machine shared with other jobs it is the steadier of the two.
 
 Two real architectures with random weights: open_clip ViT-B/16 (the ttr controls: a random-neuron
 draw, ttr-mean, ttr-noise, ttr-shuffle, no-ttr-removed) and timm DINOv2 ViT-S/14 with 4 trained
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import configs  # noqa: E402
@@ -70,27 +72,30 @@ def benchmark(name: str, images: int, batch: int, rounds: int, device: str) -> d
     sides = {"ttr": "ttr", "ttr_b": "ttr", **{mode: mode for mode in controls}}
     runs = {side: mode_setup(mode, intervention, int(config["num_registers"]), inputs) for side, mode in sides.items()}
 
-    def one_batch(side: str, number: int) -> float:
+    def one_batch(side: str, number: int) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) of one batch of ``side``."""
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         extract_mode_batch(hooked, batches[number], runs[side], number)   # features to host numpy, as a run does
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     order = list(sides)
     for number in range(len(batches)):                                  # warm-up, not timed
         one_batch("ttr", number)
     seconds: dict[str, list[float]] = {side: [] for side in sides}
+    cpu_seconds: dict[str, list[float]] = {side: [] for side in sides}
     for round_ in range(rounds):
         gc.collect()
-        spent = dict.fromkeys(sides, 0.0)
+        spent = {side: np.zeros(2) for side in sides}
         for number in range(len(batches)):
             for side in (order if (round_ + number) % 2 == 0 else order[::-1]):
                 spent[side] += one_batch(side, number)
         for side in sides:
-            seconds[side].append(spent[side])
+            seconds[side].append(float(spent[side][0]))
+            cpu_seconds[side].append(float(spent[side][1]))
         log(f"[{name}] round {round_ + 1}/{rounds}: " + ", ".join(f"{s} {seconds[s][-1]:.2f}s" for s in order))
     ratios = {}
     for side in sides:
@@ -101,13 +106,17 @@ def benchmark(name: str, images: int, batch: int, rounds: int, device: str) -> d
         stats.update({"target": f"<= {TARGET}", "met": stats["median"] <= TARGET} if side != "ttr_b" else
                      {"target": "A/A control (noise floor)"})
         ratios[f"{side}_over_ttr"] = stats
+    # process CPU time: what a side itself computed (less sensitive to other jobs taking the cores)
+    cpu_ratios = {f"{side}_over_ttr": summarise([a / b for a, b in zip(cpu_seconds[side], cpu_seconds["ttr"])])
+                  for side in sides if side != "ttr"}
     return {
         "setup": name, "backbone": backbone.description, "device": str(backbone.device), "images": images,
         "batch": batch, "rounds": rounds, "register_neurons": {str(k): v for k, v in selected.items()},
         "order": "per batch: " + ", ".join(order) + "; reversed on every other batch",
         **{key: stats["median"] for key, stats in ratios.items()},
         "all_met": all(stats.get("met", True) for stats in ratios.values()),
-        "ratios": ratios, "seconds": {side: summarise(values) for side, values in seconds.items()},
+        "ratios": ratios, "cpu_time_ratios": cpu_ratios, "threads": torch.get_num_threads(),
+        "seconds": {side: summarise(values) for side, values in seconds.items()},
         "machine": {**machine_info(), "load_average": os.getloadavg()}, "wall_s": time.perf_counter() - started,
     }
 
@@ -118,7 +127,8 @@ def print_table(result: dict) -> None:
     print(f"{'ratio':<28} {'median':>8} {'q1':>8} {'q3':>8} {'min':>8} {'max':>8}  target")
     for key, stats in result["ratios"].items():
         print(f"{key:<28} {stats['median']:8.3f} {stats['q1']:8.3f} {stats['q3']:8.3f} {stats['min']:8.3f} "
-              f"{stats['max']:8.3f}  {stats['target']}" + ("" if stats.get("met", True) else "  NOT MET"))
+              f"{stats['max']:8.3f}  {stats['target']}" + ("" if stats.get("met", True) else "  NOT MET")
+              + f"   (CPU time: {result['cpu_time_ratios'][key]['median']:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
