@@ -259,9 +259,7 @@ def end_to_end(tmp_path_factory) -> dict:
                 "torchrun": pool.submit(_torchrun, base),
                 "extra": pool.submit(_demo, base, "test_pacemaker.py", "clip", "--set",
                                      "extra_modes=('no-ttr-removed',)", "--set", "intervention_max=neuron",
-                                     name="extra_modes"),
-                "controls": pool.submit(_demo, base, "test_aptos.py", "dinov3", "--controls", "--set", "random_draws=2",
-                                        name="controls")}
+                                     name="extra_modes")}
         jobs.update({case: pool.submit(_demo, base, *case) for case in DEMO_CASES})
         return {key: job.result() for key, job in jobs.items()}
 
@@ -399,38 +397,6 @@ def test_extra_modes_and_per_neuron_max(end_to_end):
     config = json.loads((out / "config.json").read_text())
     assert config["modes"] == ["no-ttr", "ttr", "no-ttr-removed"] and config["config"]["intervention_max"] == "neuron"
     assert (out / "predictions_no-ttr-removed.csv").is_file()
-
-
-@pytest.mark.slow
-def test_demo_with_controls(end_to_end):
-    """--controls on a model with trained registers: every control a row of metrics.csv scored
-    against no-ttr, controls.csv, and the summary placing ttr among the random draws."""
-    out, result = end_to_end["controls"]
-    assert result.returncode == 0, result.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
-    controls = ["no-ttr-removed", "ttr-mean", "ttr-noise", "ttr-shuffle", "trained-zero", "trained-mean",
-                "trained-noise", "trained-shuffle", "ttr-random-01", "ttr-random-02"]
-    assert config["modes"] == ["no-ttr", "ttr", *controls] and config["config"]["controls"] is True
-    rows = pd.read_csv(out / "metrics.csv").set_index("mode")
-    assert list(rows.index) == config["modes"]
-    for mode in controls:
-        assert np.isfinite(rows.loc[mode, "qwk_diff"]) and 0 < rows.loc[mode, "p_qwk"] <= 1
-        assert rows.loc[mode, "refits"] == 0 and (out / f"predictions_{mode}.csv").is_file()
-    assert rows.loc["ttr", "refits"] == 1
-    table = pd.read_csv(out / "controls.csv").set_index("mode")
-    assert list(table.index) == ["ttr", *controls]
-    np.testing.assert_allclose(table.loc[controls, "primary_diff"], rows.loc[controls, "qwk_diff"])
-    selected = {layer: set(ids) for layer, ids in config["selected_neurons"].items()}
-    for mode in ("ttr-random-01", "ttr-random-02"):
-        drawn = json.loads(table.loc[mode, "neurons"])
-        assert {layer: len(ids) for layer, ids in drawn.items()} == {k: len(v) for k, v in selected.items()}
-        assert all(not set(ids) & selected[layer] for layer, ids in drawn.items())
-    shares = table["patch_share_above_threshold"]
-    assert shares["ttr"] < min(shares["ttr-random-01"], shares["ttr-random-02"])     # the planted outliers go
-    summary = (out / "summary.md").read_text()
-    section = summary.split("## Controls", 1)[1].split("## Run", 1)[0]
-    assert "percentile 0 of the draws' (median" in section and "`trained-shuffle`" in section
-    assert list(pd.read_csv(out / "outliers.csv")["mode"]) == ["no-ttr", "ttr", "no-ttr-removed"]
 
 
 @pytest.mark.slow

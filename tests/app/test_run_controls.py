@@ -1,12 +1,18 @@
 """A run's controls where settings enter and where the run prepares them (common.app.controls):
 the modes a config asks for, a control that does not apply to the model as a one-line error,
-the trained registers' statistics when no detection pass gave them, and the study's controls axis."""
+the trained registers' statistics when no detection pass gave them, the study's controls axis, and (slow)
+the demo with --controls end to end."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import PIL.Image
 import pytest
 
@@ -26,6 +32,21 @@ from common.registers.controls import modes_of_run
 from common.registers.trained import trained_register_stats
 
 APTOS = DatasetSpec("aptos", "APTOS 2019", qwk=True)
+ROOT = Path(__file__).resolve().parents[2]
+# the end-to-end tests' trimmed statistics (tests/app/test_cli.py), one thread
+FAST = ["--set", "probe_seeds=(0,)", "--set", "bootstrap_resamples=200", "--set", "figure_images=1",
+        "--set", "analysis_images=16", "--set", "probe_refits=1", "--set", "permutations=200"]
+
+
+@pytest.fixture(scope="module")
+def controls_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The demo on the DINOv3-structured planted model (trained registers) with --controls, 2 draws."""
+    base = tmp_path_factory.mktemp("controls_demo")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "test_aptos.py"), "--demo", "--model", "dinov3", "--out", str(base / "out"),
+               "--cache_dir", str(base / "cache"), *FAST, "--controls", "--set", "random_draws=2"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return base / "out", result
 
 
 def test_controls_flag_and_extra_modes_give_the_runs_modes():
@@ -115,3 +136,35 @@ def test_the_study_has_a_controls_axis(tmp_path):
         parse_args(["--data", f"aptos={tmp_path / 'aptos'}", "--out", str(tmp_path / "out2"),
                     "--axes", "controls=on", "--set", "controls=true"])
     assert Path(by_name["aptos_dinov3_controls-on"].folder).name == "aptos_dinov3_controls-on"
+
+
+@pytest.mark.slow
+def test_demo_with_controls(controls_demo):
+    """--controls on a model with trained registers: every control a row of metrics.csv scored
+    against no-ttr, controls.csv, and the summary placing ttr among the random draws."""
+    out, result = controls_demo
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    controls = ["no-ttr-removed", "ttr-mean", "ttr-noise", "ttr-shuffle", "trained-zero", "trained-mean",
+                "trained-noise", "trained-shuffle", "ttr-random-01", "ttr-random-02"]
+    assert config["modes"] == ["no-ttr", "ttr", *controls] and config["config"]["controls"] is True
+    rows = pd.read_csv(out / "metrics.csv").set_index("mode")
+    assert list(rows.index) == config["modes"]
+    for mode in controls:
+        assert np.isfinite(rows.loc[mode, "qwk_diff"]) and 0 < rows.loc[mode, "p_qwk"] <= 1
+        assert rows.loc[mode, "refits"] == 0 and (out / f"predictions_{mode}.csv").is_file()
+    assert rows.loc["ttr", "refits"] == 1
+    table = pd.read_csv(out / "controls.csv").set_index("mode")
+    assert list(table.index) == ["ttr", *controls]
+    np.testing.assert_allclose(table.loc[controls, "primary_diff"], rows.loc[controls, "qwk_diff"])
+    selected = {layer: set(ids) for layer, ids in config["selected_neurons"].items()}
+    for mode in ("ttr-random-01", "ttr-random-02"):
+        drawn = json.loads(table.loc[mode, "neurons"])
+        assert {layer: len(ids) for layer, ids in drawn.items()} == {k: len(v) for k, v in selected.items()}
+        assert all(not set(ids) & selected[layer] for layer, ids in drawn.items())
+    shares = table["patch_share_above_threshold"]
+    assert shares["ttr"] < min(shares["ttr-random-01"], shares["ttr-random-02"])     # the planted outliers go
+    summary = (out / "summary.md").read_text()
+    section = summary.split("## Controls", 1)[1].split("## Run", 1)[0]
+    assert "percentile 0 of the draws' (median" in section and "`trained-shuffle`" in section
+    assert list(pd.read_csv(out / "outliers.csv")["mode"]) == ["no-ttr", "ttr", "no-ttr-removed"]
