@@ -33,6 +33,7 @@ bench: $(PY)
 	$(PY) benchmarks/throughput.py --model dinov2 --quick --json bench_dinov2.json
 	$(PY) benchmarks/scale.py --quick --json bench_scale.json
 	$(PY) benchmarks/probe.py --json bench_probe.json
+	$(PY) benchmarks/controls.py --json bench_controls.json
 
 clean-venv:
 	rm -rf $(VENV)

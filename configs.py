@@ -167,7 +167,9 @@ RUN_DEFAULTS = {
     "batch_size": 32,
     "num_workers": "auto",        # image decoding threads; auto = the host's cores (cores - 1 on CUDA)
     "precision": "auto",          # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
-    "extra_modes": (),            # opt-in experiments besides no-ttr and ttr, e.g. ("no-ttr-removed",)
+    "extra_modes": (),            # opt-in experiments besides no-ttr and ttr, e.g. ("no-ttr-removed", "ttr-mean")
+    "controls": False,            # --controls: every control that applies to the model (docs/intervention.md)
+    "random_draws": 10,           # ttr-random: draws of random neurons, layer-matched to the selected ones
     "zero_shot": False,           # CLIP only: also score class-name prompts, no-ttr vs ttr (see ZERO_SHOT)
     "detect_images": 100,         # seeded random sample of training images used for detection
     "val_fraction": 0.15,

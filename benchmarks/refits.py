@@ -85,7 +85,7 @@ def run_once(manifest: Path, out: Path, refits: int) -> dict:
     """One whole run with ``refits`` probe refits; its stage seconds from config.json."""
     config = resolve_config("clip", [f"probe_refits={refits}", "register_norm_threshold=auto"])
     backbone = load_backbone("clip", configs.CLIP, random_init=True, seed=0)
-    model = PlantedModel(backbone=backbone, config=config, planted=[], family="clip")
+    model = PlantedModel(backbone=backbone, config=config, planted=[], family="clip", model="clip")
     spec = DatasetSpec("manifest", "generated real-size images")
     options = RunOptions(model="clip", image_path=None, out=out, manifest=str(manifest), no_cache=True,
                          command_line=["benchmarks/refits.py"])

@@ -74,7 +74,8 @@ from common.registers.detection import (  # noqa: E402
     detection_batch_size,
 )
 from common.registers.features import FeatureSet, extract_features  # noqa: E402
-from common.registers.intervention import Intervention, mode_setup  # noqa: E402
+from common.registers.controls import mode_setup  # noqa: E402
+from common.registers.intervention import Intervention  # noqa: E402
 from common.registers.modes import MODES  # noqa: E402
 from common.registers.neurons import SPARSE_ACTIVATION, SPARSE_FRACTION  # noqa: E402
 
@@ -399,9 +400,8 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
     cache_round = [0]
 
     def key_of(mode: str, split_paths: list[str]) -> str:
-        registers, iv = mode_setup(mode, intervention, num_registers)
-        return cache_key({"kind": "features", "weights": backbone.weights_id, "mode": mode, "registers": registers,
-                          "intervention": iv.describe() if iv else None, "images": split_paths,
+        return cache_key({"kind": "features", "weights": backbone.weights_id,
+                          **mode_setup(mode, intervention, num_registers).describe(), "images": split_paths,
                           "round": cache_round[0]})
 
     # ---- the sides
@@ -440,8 +440,9 @@ def benchmark(model: str, quick: bool, overrides: dict) -> dict:
         cache = Cache(Path(workdir.name) / f"cache_{cache_round[0]}")
         bank = ImageBank(backbone.preprocess, cache=Cache(None), num_workers=FIRST_NUM_WORKERS)
         for mode in MODES:
-            registers, iv = mode_setup(mode, intervention, num_registers)
-            hooks = iv.fwd_hooks(hooked.token_layout(registers)) if iv else []
+            run = mode_setup(mode, intervention, num_registers)
+            registers = run.num_registers
+            hooks = run.fwd_hooks(hooked.token_layout(registers))
             for split, split_paths in paths.items():
                 features = extract_features(hooked, bank.batches(split_paths, run_defaults["batch_size"]),
                                             num_registers=registers, fwd_hooks=hooks)

@@ -55,6 +55,11 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
                                           "instead of detecting them")
     parser.add_argument("--zero_shot", action="store_true",
                         help="clip, biomedclip: also classify by class-name prompts (no training), no-ttr vs ttr")
+    parser.add_argument("--controls", action="store_true",
+                        help="also run the controls that apply to the model, each scored against no-ttr like ttr: "
+                             "ttr on random neurons (random_draws draws), no-ttr-removed, ttr-mean, ttr-noise, "
+                             "ttr-shuffle, and trained-zero/-mean/-noise/-shuffle for models with trained registers "
+                             "(each also by name in --set extra_modes=...)")
     parser.add_argument("--reference_probes", help="folder with the course project's best_model_no_ttr.pth and "
                                                    "best_model_ttr.pth: also score those saved probes")
     parser.add_argument("--detect_images", type=int, help="training images sampled for detection (default 100)")
@@ -170,7 +175,7 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
         if building:
             raise UserError(f"--demo runs the planted model: --set {building[0]} does not apply to it (it would only "
                             "be recorded); leave it out, or run a real model without --demo")
-    config = resolve_config(args, demo=args.demo, zero_shot=args.zero_shot or None)
+    config = resolve_config(args, demo=args.demo, zero_shot=args.zero_shot or None, controls=args.controls or None)
     out = Path(args.out) if args.out else _default_out(
         spec, model_slug(args.model) if not args.demo else f"demo_{model_slug(args.model)}")
     planted = None

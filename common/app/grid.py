@@ -4,7 +4,9 @@ The grid is each given dataset x each model x the values of the axes the user na
 value applies only where it makes sense, decided from the model's config and identity, never its
 name: ``backbone_size`` to models configured by size (DINOv2, DINOv3), each value only where it is
 one of that family's sizes; ``neurons=paper`` only where the cell's model is DINOv2 ViT-L/14
-(the published set indexes it); ``highest_layer`` values only within the cell's model's depth; in
+(the published set indexes it); ``highest_layer`` values only within the cell's model's depth;
+``controls`` (off | on: ``--controls``) to every model, each run taking the controls that apply to
+its model (the trained-register ones only where it has trained registers); in
 a demo no ``backbone_size`` and no published neurons (the planted models have one size).  What does
 not apply is listed (:class:`Skipped`) with the reason, never silently dropped.
 
@@ -52,6 +54,8 @@ class Axis:
         """What a user types for this value after ``test_<dataset>.py``."""
         if self.name == "neurons":
             return ["--neurons", "paper"] if value == "paper" else []
+        if self.name == "controls":
+            return ["--controls"] if value == "on" else []
         return ["--set", f"{self.name}={value}"]
 
 
@@ -68,6 +72,7 @@ def _axes() -> dict[str, Axis]:
         "top_k": Axis("top_k", None),
         "feature": Axis("feature", tuple(words["feature"])),
         "highest_layer": Axis("highest_layer", None, minimum=0),
+        "controls": Axis("controls", ("off", "on")),
     }
 
 
@@ -247,6 +252,8 @@ def main_values(request: Request, model: str) -> dict[str, str]:
 
     config = resolve_config(model, [*(DEMO_SETS if request.demo else ()), *request.sets], demo=request.demo)
     configured = {axis: str(config.get(axis, "detected" if axis == "neurons" else "")) for axis in request.axes}
+    if "controls" in configured:
+        configured["controls"] = "on" if config.get("controls") else "off"
     return {axis: configured[axis] if configured[axis] in values else values[0]
             for axis, values in request.axes.items()}
 

@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import distributed
+from common.app.controls import analysis_setup, control_inputs, figure_modes, mode_run, run_modes
 from common.app.localize import localization_paths, write_localization
 from common.app.runstate import RunState, write_config
 from common.app.scoring import score, train_probes
@@ -45,10 +47,12 @@ from common.registers.detection import (
     detection_batch_size,
     suggest_threshold,
 )
-from common.registers.features import FeatureSet, extract_batch
-from common.registers.intervention import Intervention, mode_setup
+from common.registers.controls import ModeRun, extract_mode_batch, mode_setup
+from common.registers.features import FeatureSet
+from common.registers.intervention import Intervention
 from common.registers.modes import MODES
 from common.registers.neurons import NeuronRanking
+from common.registers.trained import TrainedRegisterStats
 from common.reporting.plots import write_outputs
 from common.reporting.summary import write_summary
 
@@ -142,7 +146,8 @@ def _detect(state: RunState) -> NeuronRanking:
         if state.main:
             log.info("detection: from the cache (%d of %d images counted)", info["images_counted"], info["images_used"])
         ranked = list(zip(arrays["layers"].tolist(), arrays["neurons"].tolist(), arrays["scores"].tolist()))
-        return NeuronRanking(ranked=ranked, identity=backbone.identity, **info)
+        return NeuronRanking(ranked=ranked, identity=backbone.identity, trained=TrainedRegisterStats.from_arrays(arrays),
+                             **info)
 
     ranking, _ = cached_stage(state, "detection", description, lambda: _detect_uncached(state, paths),
                               encode=_ranking_arrays, decode=decode)
@@ -196,19 +201,7 @@ def _ranking_arrays(result: NeuronRanking) -> dict[str, np.ndarray]:
     return {"layers": np.array([l for l, _, _ in result.ranked], np.int32),
             "neurons": np.array([n for _, n, _ in result.ranked], np.int32),
             "scores": np.array([s for _, _, s in result.ranked], np.float64),
-            "meta": np.array(json.dumps(meta))}
-
-
-def _mode_setup(state: RunState, mode: str) -> ModeSetup:
-    registers, intervention = mode_setup(mode, state.intervention, state.config["num_registers"])
-    hooks = intervention.fwd_hooks(HookedViT(state.backbone).token_layout(registers)) if intervention else []
-    return ModeSetup(registers, hooks)
-
-
-def _mode_description(state: RunState, mode: str) -> dict:
-    registers, intervention = mode_setup(mode, state.intervention, state.config["num_registers"])
-    return {"mode": mode, "num_registers": registers,
-            "intervention": intervention.describe() if intervention else None}
+            "meta": np.array(json.dumps(meta)), **(result.trained.arrays() if result.trained is not None else {})}
 
 
 def stage_features(state: RunState) -> tuple[dict[tuple[str, str], FeatureSet], dict[str, int]]:
@@ -219,30 +212,29 @@ def stage_features(state: RunState) -> tuple[dict[tuple[str, str], FeatureSet], 
     features: dict[tuple[str, str], FeatureSet] = {}
     hits: dict[str, int] = {}
     for mode in state.modes:
-        setup = _mode_setup(state, mode)
+        setup = mode_run(state, mode)
         for split in SPLITS:
             found, hits[f"{mode}/{split}"] = _features(state, state.split_paths(split), setup,
-                                                     _mode_description(state, mode), f"{mode} {split}")
+                                                     f"{mode} {split}")
             if found is not None:
                 features[(mode, split)] = found
     for mode in state.course_probes:
-        setup, description = _course_setup(state, mode)
-        if description == _mode_description(state, mode):      # our own test features are the course's
+        setup = _course_setup(state, mode)
+        if setup.describe() == mode_run(state, mode).describe():      # our own test features are the course's
             state.course_features[mode] = features.get((mode, "test"))
             continue
         label = f"{mode} (course: {COURSE_REGISTERS} zero register) test"
         state.course_features[mode], hits[f"{mode} (course)/test"] = _features(
-            state, state.split_paths("test"), setup, description, label)
+            state, state.split_paths("test"), setup, label)
     if state.main:
         print(f"feature cache: {sum(hits.values())} of {len(hits)} (mode, split) sets reused"
               + ("" if state.cache.enabled else " (cache disabled by --no_cache)"))
     return features, hits
 
 
-def _features(state: RunState, paths: list[str], setup: ModeSetup, mode_description: dict,
-              label: str) -> tuple[FeatureSet | None, int]:
+def _features(state: RunState, paths: list[str], setup: ModeRun, label: str) -> tuple[FeatureSet | None, int]:
     """The features of ``paths`` in one setup, from the cache or extracted: (them, 1 if cached)."""
-    description = {"kind": "features", **model_description(state), **mode_description, "images": fingerprints(paths)}
+    description = {"kind": "features", **model_description(state), **setup.describe(), "images": fingerprints(paths)}
     found, hit = cached_stage(
         state, "features", description, lambda: _extract(state, paths, setup, f"features {label}"),
         encode=FeatureSet.arrays, decode=lambda arrays: FeatureSet(arrays["pooled"], arrays["patch_mean"]),
@@ -257,24 +249,24 @@ def _features(state: RunState, paths: list[str], setup: ModeSetup, mode_descript
 COURSE_REGISTERS = 1
 
 
-def _course_setup(state: RunState, mode: str) -> tuple[ModeSetup, dict]:
+def _course_setup(state: RunState, mode: str) -> ModeRun:
     """How the course project extracted ``mode``'s features: one zero register appended, the
     intervention in ttr only (no-ttr: the register is appended, nothing is moved onto it)."""
-    _, intervention = mode_setup(mode, state.intervention, COURSE_REGISTERS)
-    hooks = intervention.fwd_hooks(HookedViT(state.backbone).token_layout(COURSE_REGISTERS)) if intervention else []
-    description = {"mode": mode, "num_registers": COURSE_REGISTERS,
-                   "intervention": intervention.describe() if intervention else None}
-    return ModeSetup(COURSE_REGISTERS, hooks), description
+    return replace(mode_setup(mode, state.intervention, COURSE_REGISTERS), num_registers=COURSE_REGISTERS)
 
 
-def _extract(state: RunState, paths: list[str], setup: ModeSetup, desc: str) -> FeatureSet | None:
+def _extract(state: RunState, paths: list[str], setup: ModeRun, desc: str) -> FeatureSet | None:
     """Features of ``paths``: each rank extracts its share of the batches, rank 0 gathers them (None elsewhere)."""
     hooked, dist, batch = HookedViT(state.backbone), state.dist, state.config["batch_size"]
     count, mine = my_batches(state, paths, batch)
     parts: dict[int, FeatureSet] = {}
+
+    def donor(number: int):   # the last image of the previous batch (a shuffle's batch of one)
+        return lambda: state.bank.normalise(state.bank.pixels([paths[number * batch - 1]]))
+
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not state.main) as bar:
         for number, images in zip(mine, state.bank.batches(paths, batch, indices=mine)):
-            parts[number] = extract_batch(hooked, images, num_registers=setup.num_registers, fwd_hooks=setup.fwd_hooks)
+            parts[number] = extract_mode_batch(hooked, images, setup, number, donor(number))
             bar.update(images.shape[0] * dist.world)
     gathered = dist.gather_batches(parts, count)
     return FeatureSet.concatenate(gathered) if gathered is not None else None
@@ -297,7 +289,7 @@ def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
             "detect_layer": config["detect_outliers_layer"], "figure_images": figure_count,
             "localization_images": fingerprints(extra)}
     pixels, extra_pixels = state.bank.pixels(paths), state.bank.pixels(extra)
-    setups = {mode: _mode_setup(state, mode) for mode in state.modes}
+    setups = {mode: analysis_setup(state, mode) for mode in state.modes}
 
     def run(modes: dict[str, ModeSetup], cached: dict[str, ModeAnalysis] | None = None):
         return analyse(hooked, pixels, state.bank.normalise, modes, labels=[state.dataset.display(p) for p in paths],
@@ -310,15 +302,17 @@ def stage_analysis(state: RunState) -> tuple[list[str], pd.DataFrame | None]:
     results, reused = {}, []
     for mode, setup in setups.items():
         results[mode], hit = cached_stage(
-            state, "analysis", {**base, **_mode_description(state, mode)},
+            state, "analysis", {**base, **mode_run(state, mode).describe()},
             lambda: run({mode: setup}).modes[mode], encode=ModeAnalysis.arrays, decode=ModeAnalysis.from_arrays,
             shared=False)
         reused += [mode] if hit else []
     if reused:
         log.info("analysis statistics of %s from the cache", ", ".join(reused))
     analysis = run(setups, cached=results)     # every mode at hand: assembles, runs no pass
-    write_localization(state, analysis)        # localization.csv, from the attention maps at hand
-    return write_outputs(analysis, state.options.out), outlier_table(analysis)
+    # the controls' outlier shares go to controls.csv, not to the figures, outliers.csv and localization.csv
+    shown = figure_modes(analysis)
+    write_localization(state, shown)           # localization.csv, from the attention maps at hand
+    return write_outputs(shown, state.options.out), outlier_table(analysis)
 
 
 def _run_threshold(state: RunState) -> float:
@@ -383,6 +377,7 @@ def _run_stages(state: RunState, device: torch.device, planted: PlantedModel | N
     if options.demo and options.image_path is None:
         options.image_path = _demo_data(state)
     state.backbone = stage_backbone(state, device, planted)
+    state.modes = run_modes(state)
     state.planted = list(planted.planted) if planted is not None else []
     state.dataset = stage_dataset(state)
     if options.reference_probes:   # checked against the classes and the feature width before any extraction
@@ -403,6 +398,7 @@ def _run_stages(state: RunState, device: torch.device, planted: PlantedModel | N
         state.ranking = stage_neurons(state, ranking)
         state.selected = select_neurons(state)
         state.intervention = Intervention.from_config(state.selected, config)
+        state.controls = control_inputs(state, lambda: detection_paths(state))
         state.features, state.cache_hits = stage_features(state)
     finally:
         if private is not None:

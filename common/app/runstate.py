@@ -21,6 +21,7 @@ from common.evaluation.compare import SCHEMA_VERSION
 from common.evaluation.localization import LocalizationResult
 from common.io import write_json
 from common.models.backbone import Backbone
+from common.registers.controls import ControlInputs
 from common.registers.features import FeatureSet
 from common.registers.intervention import Intervention
 from common.registers.neurons import NeuronRanking
@@ -46,6 +47,7 @@ class RunState:
     ranking: NeuronRanking | None = None
     selected: dict[int, list[int]] = field(default_factory=dict)
     intervention: Intervention | None = None
+    controls: ControlInputs | None = None                 # what the control modes need (common.app.controls)
     features: dict[tuple[str, str], FeatureSet] = field(default_factory=dict)
     planted: list[tuple[int, int]] = field(default_factory=list)
     cache_hits: dict[str, int] = field(default_factory=dict)

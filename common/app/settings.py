@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import configs
 from common.errors import UserError
-from common.registers.modes import EXTRA_MODES
+from common.registers.modes import EXTRA_MODES, inapplicable
 
 if TYPE_CHECKING:
     from common.models.family import ModelIdentity
@@ -142,6 +142,7 @@ INTEGER_RANGES: dict[str, tuple[int, int | None, str]] = {
     # p = (k + 1) / (B + 1) cannot fall below 0.05 with fewer permutations
     "permutations": (20, None, "with fewer, a permutation p-value cannot fall below 0.05"),
     "probe_refits": (0, None, ""),
+    "random_draws": (1, None, ""),
 }
 # ... and these only with a model (the run defaults alone have none of them).
 INTEGER_RANGES_WITH_MODEL: dict[str, tuple[int, int | None, str]] = {
@@ -385,6 +386,11 @@ def validate_for_model(config: dict, identity: ModelIdentity) -> None:
     if config["top_k"] > most:
         raise UserError(f"top_k={config['top_k']} exceeds the {most} neurons of {identity.describe()}: "
                         f"use 1..{most}")
+    bad = inapplicable(config["extra_modes"], identity.trained_registers)
+    if bad:
+        raise UserError(f"extra_modes: {bad[0]} applies to models with trained registers (DINOv2 _reg, DINOv3, "
+                        f"Virchow2, a timm model with reg_tokens); {identity.describe()} has none: leave it out "
+                        "(--controls turns on the controls that apply)")
 
 
 def resolve_workers(value: int | str, device_type: str) -> int:

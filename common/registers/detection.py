@@ -8,6 +8,10 @@ images without one are skipped.  For every layer ``l`` and neuron ``j``, ``score
 mean ``|activation|`` over the outlier positions, times the sparsity filter (``activation < 0.5``
 at no fewer than half of the N candidate positions).  The final score is the mean over counted
 images.  Only running sums are kept, so memory does not grow with the number of images.
+
+For a model with trained registers the same pass also sums their residual state at every block's
+output (:class:`common.registers.trained.TrainedAccumulator`, over every detection image): the
+mean and standard deviation that the trained-register controls substitute (docs/intervention.md).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from common.errors import UserError
 from common.models.hooks import HookedViT, mlp_post, resid_post
 from common.registers.neurons import SPARSE_ACTIVATION, SPARSE_FRACTION, NeuronRanking
+from common.registers.trained import TrainedAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +166,10 @@ def detect_register_neurons(
 ) -> NeuronRanking:
     """Score every (layer, neuron) over ``batches`` of preprocessed images ``[B, 3, H, W]``.
 
-    ``reduce(score_sums [L, D] float64, counts [3])`` -> the same summed over every process
-    (torchrun; identity when None); ``counts`` holds images used, images counted, max norm.
+    ``reduce(sums float64, counts [3])`` -> the same summed over every process (torchrun;
+    identity when None); ``sums`` holds the score sums ``[L, D]`` (and, flattened behind them, the
+    trained registers' sums), ``counts`` images used, images counted, max norm.  The ranking's
+    ``trained`` holds the trained registers' statistics (None without trained registers).
     """
     backbone = hooked.backbone
     layers = tuple(range(backbone.num_layers))
@@ -170,10 +177,12 @@ def detect_register_neurons(
     names = [resid_post(index)] + [mlp_post(layer) for layer in layers]
     candidates = hooked.token_layout(0).candidates(backbone.device)
     score_sums = torch.zeros(len(layers), backbone.mlp_width, dtype=torch.float64, device=backbone.device)
+    trained = TrainedAccumulator(hooked) if backbone.num_prefix_tokens > int(backbone.has_cls) else None
+    reading = trained.fwd_hooks() if trained is not None else ()
     used = counted = 0
     max_norm = 0.0
     for images in batches:
-        _, cache = hooked.run_with_cache(images.to(backbone.device), names)
+        _, cache = hooked.run_with_cache(images.to(backbone.device), names, fwd_hooks=reading)
         norms = cache[resid_post(index)].float().norm(dim=-1)           # [B, N]
         norms[:, ~candidates] = 0.0                                      # trained registers never count
         max_norm = max(max_norm, float(norms.max()))
@@ -189,14 +198,18 @@ def detect_register_neurons(
         if progress is not None:
             progress.update(images.shape[0])
     if reduce is not None:
-        score_sums, (used, counted, max_norm) = reduce(score_sums, (used, counted, max_norm))
+        packed = score_sums if trained is None else torch.cat([score_sums.flatten(), trained.sums.flatten()])
+        packed, (used, counted, max_norm) = reduce(packed, (used, counted, max_norm))
+        score_sums = packed[:score_sums.numel()].view_as(score_sums)
+        if trained is not None:
+            trained.sums = packed[score_sums.numel():].view_as(trained.sums)
     if counted == 0:
         raise NoOutliersError(max_norm=max_norm, threshold=threshold, images=used, detect_layer=detect_layer)
     scores = (score_sums / counted).cpu().numpy()
     return NeuronRanking(
         ranked=rank_scores(scores), threshold=float(threshold), detect_layer=detect_layer,
         detect_layer_index=index, images_used=used, images_counted=counted, max_norm_seen=max_norm,
-        identity=backbone.identity,
+        identity=backbone.identity, trained=trained.stats(used) if trained is not None else None,
     )
 
 

@@ -1,28 +1,55 @@
 """The register-neuron intervention of docs/intervention.md: a pure function on one layer's activations, and
 the hook functions that apply it (one per intervened layer, at ``blocks.{l}.mlp.hook_post``).
 
-What each mode runs with (:func:`mode_setup`):
+What the registers receive (``register_value``): ``max``, the signed max (ttr); or a control's
+substitute (docs/intervention.md, "Controls"): ``mean``, each neuron's mean over this image's
+patches; ``noise``, a seeded Gaussian draw with that mean and the patches' standard deviation;
+``shuffle``, the value another image of the same batch gives (a seeded derangement).  Which mode
+runs with what: :func:`common.registers.controls.mode_setup`.
 
-==================  ==========================  ==========================================
-mode                test-time registers R        intervention
-==================  ==========================  ==========================================
-``no-ttr``          0                            none (the model as released)
-``ttr``             ``num_registers`` (>= 1)     steps 1-4: the max moved onto the registers
-``no-ttr-removed``  0                            step 3 only: outliers removed, nowhere to go
-==================  ==========================  ==========================================
+The seeded draws depend on ``(seed, batch number, layer)`` only, never on the order in which
+batches run, so that torchrun's ranks (each computing its own batches) give what one process gives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from common.models.hooks import HookFn, TokenLayout, mlp_post
-from common.registers.modes import BASELINE, REMOVED, TTR
 
 NORMAL_VALUES = ("zero", "mean", "only_outliers", "same")
 INTERVENTION_MAX = ("layer", "neuron")
+REGISTER_VALUES = ("max", "mean", "noise", "shuffle")
+# Tags that keep the seeded streams of different draws apart (docs/intervention.md, "Controls").
+NOISE_STREAM, SHUFFLE_STREAM, TRAINED_NOISE_STREAM, RANDOM_NEURONS_STREAM = 1, 2, 3, 4
+
+
+def stream_seed(*parts: int) -> int:
+    """One 32-bit seed from non-negative integers (numpy's SeedSequence mixes them)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def standard_normal(shape: tuple[int, ...], device: torch.device, *parts: int) -> torch.Tensor:
+    """Float32 standard-normal draws on ``device`` from the stream ``parts`` (drawn where they are
+    used: no transfer per layer; the device type is part of every feature cache key)."""
+    generator = torch.Generator(device=device).manual_seed(stream_seed(*parts))
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def derangement(size: int, *parts: int) -> torch.Tensor:
+    """A permutation of ``range(size)`` without a fixed point, drawn from the stream ``parts``
+    (uniform over derangements: permutations drawn until one has no fixed point).  ``size`` 1 has
+    none: ``[0]`` (the caller gives a batch of one a donor image, docs/intervention.md)."""
+    if size < 2:
+        return torch.zeros(size, dtype=torch.long)
+    rng = np.random.default_rng(stream_seed(*parts))
+    while True:
+        order = rng.permutation(size)
+        if not np.any(order == np.arange(size)):
+            return torch.from_numpy(order)
 
 
 @dataclass(frozen=True)
@@ -38,6 +65,8 @@ class Intervention:
     scale: float = 1.0
     normal_values: str = "zero"
     per_neuron_max: bool = False
+    register_value: str = "max"     # max (ttr) | mean | noise | shuffle (the controls)
+    seed: int = 0                   # of the noise and shuffle draws
 
     @classmethod
     def from_config(cls, neurons: dict[int, list[int]], config: dict) -> "Intervention":
@@ -46,42 +75,47 @@ class Intervention:
                    per_neuron_max=config["intervention_max"] == "neuron")
 
     def describe(self) -> dict:
-        """A JSON-friendly description (used in cache keys and config.json)."""
-        return {
+        """A JSON-friendly description (used in cache keys and config.json); a control's
+        substitute and its seed are named only when there is one (ttr's description is unchanged)."""
+        described = {
             "neurons": {str(layer): list(map(int, ids)) for layer, ids in sorted(self.neurons.items())},
             "scale": float(self.scale),
             "normal_values": self.normal_values,
             "per_neuron_max": bool(self.per_neuron_max),
         }
+        if self.register_value != "max":
+            described.update(register_value=self.register_value, seed=int(self.seed))
+        return described
 
-    def fwd_hooks(self, layout: TokenLayout) -> list[tuple[str, HookFn]]:
-        """The hook functions that apply this intervention for ``layout`` (its R registers)."""
+    @property
+    def shuffles(self) -> bool:
+        """Whether a batch of one image needs a donor image (docs/intervention.md)."""
+        return self.register_value == "shuffle"
+
+    def fwd_hooks(self, layout: TokenLayout, batch: int = 0) -> list[tuple[str, HookFn]]:
+        """The hook functions that apply this intervention for ``layout`` (its R registers) to
+        batch number ``batch`` of an image list (it seeds the noise and the shuffle)."""
         hooks = []
         for layer, ids in sorted(self.neurons.items()):
             if not len(ids):
                 continue
             index = list(ids)
 
-            def move(activations: torch.Tensor, name: str, index=index) -> torch.Tensor:
+            def move(activations: torch.Tensor, name: str, index=index, layer=layer) -> torch.Tensor:
+                images, registers = activations.shape[0], layout.registers
+                noise = donors = None
+                if self.register_value == "noise":
+                    noise = standard_normal((images, registers, len(index)), activations.device, self.seed,
+                                            NOISE_STREAM, batch, layer)
+                elif self.register_value == "shuffle":
+                    donors = derangement(images, self.seed, SHUFFLE_STREAM, batch)
                 return apply_intervention(
-                    activations, index, num_prefix_tokens=layout.prefix, num_registers=layout.registers,
-                    scale=self.scale, normal_values=self.normal_values, per_neuron_max=self.per_neuron_max)
+                    activations, index, num_prefix_tokens=layout.prefix, num_registers=registers,
+                    scale=self.scale, normal_values=self.normal_values, per_neuron_max=self.per_neuron_max,
+                    register_value=self.register_value, noise=noise, donors=donors)
 
             hooks.append((mlp_post(layer), move))
         return hooks
-
-
-def mode_setup(mode: str, intervention: Intervention, num_registers: int) -> tuple[int, Intervention | None]:
-    """(test-time registers, intervention or None) that ``mode`` runs with (table above)."""
-    if mode == BASELINE:
-        return 0, None
-    if mode == TTR:
-        if num_registers < 1:
-            raise ValueError(f"num_registers={num_registers}: ttr needs at least one test-time register")
-        return num_registers, intervention
-    if mode == REMOVED:
-        return 0, intervention
-    raise ValueError(f"unknown mode {mode!r}")
 
 
 def signed_max(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -100,6 +134,9 @@ def apply_intervention(
     scale: float = 1.0,
     normal_values: str = "zero",
     per_neuron_max: bool = False,
+    register_value: str = "max",
+    noise: torch.Tensor | None = None,
+    donors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Move register neurons onto the test-time register tokens, each image on its own.
 
@@ -109,25 +146,27 @@ def apply_intervention(
     signed max and the patch means stay exact under bf16 autocast), written back in its dtype.
 
     1. ``m`` = signed max over all N positions and the neurons in ``neurons`` (per image).
-    2. register positions get ``scale * m`` for those neurons.
+    2. register positions get ``scale * v`` for those neurons, where ``v`` is (``register_value``)
+       ``max``: ``m``; ``mean``: each neuron's mean over the image's patches; ``noise``: that mean
+       plus the patches' (unbiased) standard deviation times ``noise`` (standard-normal draws
+       ``[B, R, S]``); ``shuffle``: ``m`` of image ``donors[b]`` (an index ``[B]``) of the batch.
     3. patch positions follow ``normal_values`` (zero | mean | only_outliers | same).
     4. CLS and trained registers are never touched.
     """
     if normal_values not in NORMAL_VALUES:   # a user's value is checked where it enters (common.app.settings)
         raise ValueError(f"normal_values {normal_values!r} is unknown; use one of {', '.join(NORMAL_VALUES)}")
+    if register_value not in REGISTER_VALUES:
+        raise ValueError(f"register_value {register_value!r} is unknown; use one of {', '.join(REGISTER_VALUES)}")
     index = torch.as_tensor(neurons, dtype=torch.long, device=activations.device)
     num_tokens = activations.shape[1]
     patch_start, patch_end = num_prefix_tokens, num_tokens - num_registers
     selected = activations.index_select(2, index).float()              # [B, N, S]
-    if per_neuron_max:
-        register_value = signed_max(selected, dims=(1,))[:, None, :]    # [B, 1, S]
-    else:
-        register_value = signed_max(selected, dims=(1, 2))[:, None, None]  # [B, 1, 1]
+    patches = selected[:, patch_start:patch_end, :]                     # [B, P, S]
 
     updated = selected.clone()
     if num_registers > 0:
-        updated[:, patch_end:, :] = (scale * register_value).expand(-1, num_registers, updated.shape[2])
-    patches = selected[:, patch_start:patch_end, :]                     # [B, P, S]
+        value = _register_value(selected, patches, per_neuron_max, register_value, noise, donors)  # [B, 1|R, 1|S]
+        updated[:, patch_end:, :] = (scale * value).expand(-1, num_registers, updated.shape[2])
     if normal_values == "zero":
         updated[:, patch_start:patch_end, :] = 0.0
     elif normal_values == "mean":
@@ -140,3 +179,25 @@ def apply_intervention(
     out = activations.clone()
     out.index_copy_(2, index, updated.to(activations.dtype))
     return out
+
+
+def _register_value(selected: torch.Tensor, patches: torch.Tensor, per_neuron_max: bool, register_value: str,
+                    noise: torch.Tensor | None, donors: torch.Tensor | None) -> torch.Tensor:
+    """What the registers get before ``scale``: ``[B, 1, 1]``, ``[B, 1, S]`` or ``[B, R, S]``
+    (``selected [B, N, S]``, ``patches [B, P, S]``: the activations before the intervention)."""
+    if register_value == "mean":
+        return patches.mean(dim=1, keepdim=True)
+    if register_value == "noise":
+        if noise is None:
+            raise ValueError("register_value 'noise' needs the standard-normal draws (noise)")
+        mean, std = patches.mean(dim=1, keepdim=True), patches.std(dim=1, keepdim=True, unbiased=True)
+        return mean + std * noise.to(device=patches.device, dtype=patches.dtype)
+    if per_neuron_max:
+        value = signed_max(selected, dims=(1,))[:, None, :]            # [B, 1, S]
+    else:
+        value = signed_max(selected, dims=(1, 2))[:, None, None]       # [B, 1, 1]
+    if register_value == "shuffle":
+        if donors is None:
+            raise ValueError("register_value 'shuffle' needs the donor of each image (donors)")
+        value = value[donors.to(value.device)]
+    return value

@@ -23,10 +23,14 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import UserError
 from common.io import write_json
 from common.models.families import ModelIdentity
+
+if TYPE_CHECKING:
+    from common.registers.trained import TrainedRegisterStats
 
 JSON_FORMAT = "ttr-register-neurons/2"
 SPARSE_FRACTION = 0.5
@@ -61,6 +65,8 @@ class NeuronRanking:
     source: str = "detected"                      # detected | file:PATH | paper
     identity: ModelIdentity | None = None         # None: a course .pt file (checked by bounds)
     extra: dict = field(default_factory=dict)
+    # the trained registers' statistics of the detection pass (cached with it, not in the JSON file)
+    trained: TrainedRegisterStats | None = None
 
     # ---------------------------------------------------------------- selection
     def select(self, highest_layer: int, top_k: int) -> dict[int, list[int]]:

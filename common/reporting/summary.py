@@ -5,8 +5,8 @@ retraining, or no detectable difference with the smallest detectable one), then 
 metrics with their intervals and no verdict words, the outlier effect (and, with object masks,
 the attention localization: :mod:`common.reporting.localization_summary`) in numbers, what a
 reader must know (probes that did not converge, strong register neurons left out by
-``highest_layer``, leaks between splits), the side-by-side table, the probe refits, the run's
-settings and the figures.
+``highest_layer``, leaks between splits), the side-by-side table, the probe refits, the controls
+(and ``controls.csv``, :mod:`common.reporting.controls`), the run's settings and the figures.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from common.evaluation.analysis import outlier_effect
 from common.evaluation.compare import BETTER, NOT_ROBUST, UNTESTABLE, WORSE, decide
 from common.evaluation.metrics import METRIC_LABELS, PROPORTIONS
 from common.evaluation.stats import ALPHA, POWER
-from common.io import write_text
-from common.registers.modes import BASELINE, TTR
+from common.io import write_csv, write_text
+from common.registers.controls import mode_setup
+from common.registers.modes import BASELINE, REMOVED, TTR, draw_index, is_control
+from common.reporting.controls import controls_section, controls_table
 from common.reporting.format import (
     estimate,
     in_report_order,
@@ -253,7 +255,8 @@ def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
                   "seed(s)) rerun for both modes on bootstrap resamples of the training set (the same resample and "
                   "seeds for both). The combined interval adds the between-refit variance to the test-set variance "
                   "(normal approximation), so it covers probe retraining as well as the test sample:", ""] + refits
-    for extra in [m for m in metrics["mode"] if m not in (BASELINE, TTR) and "(" not in m]:
+    extras = [m for m in metrics["mode"] if m not in (BASELINE, TTR) and "(" not in m]
+    for extra in [m for m in extras if m == REMOVED or not is_control(m)]:
         lines += ["", f"Extra mode `{extra}` against no-ttr (exploratory; docs/intervention.md):", ""] \
             + results_table(metrics, BASELINE, extra)
     zero_shot = [m for m in metrics["mode"] if "(zero-shot)" in m]
@@ -269,6 +272,7 @@ def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
                   "`ttr (course probe)` on ttr features with one register (class order mapped from the course "
                   "code's sorted labels):", ""] + results_table(metrics, *course)
 
+    lines += _controls(state)
     lines += ["", "## Run", "",
               f"- backbone: {backbone.description} (activation {backbone.activation}, precision "
               f"{backbone.precision}), device {backbone.device}",
@@ -288,6 +292,19 @@ def write_summary(state: RunState, extra_sections: list[str]) -> list[str]:
                                                   config["permutations"])
     write_text(state.options.out / "summary.md", "\n".join(lines) + "\n")
     return [verdict]
+
+
+def _controls(state: RunState) -> list[str]:
+    """The controls section (empty without a control); ``controls.csv`` written beside summary.md."""
+    draws = {m: mode_setup(m, state.intervention, state.config["num_registers"], state.controls).change.neurons
+             for m in state.metrics["mode"] if draw_index(m) is not None}
+    table = controls_table(state.metrics, state.outliers, state.config["primary_metric"], draws)
+    if table is None:
+        return []
+    write_csv(state.options.out / "controls.csv", table)
+    outliers = state.outliers.set_index("mode") if state.outliers is not None else None
+    no_ttr = outliers.loc[BASELINE, "patch_share_above_threshold"] if outliers is not None else math.nan
+    return [""] + controls_section(table, state.config["primary_metric"], no_ttr)
 
 
 def _warnings(state: RunState) -> list[str]:

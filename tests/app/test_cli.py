@@ -475,7 +475,7 @@ def test_interrupt_leaves_a_resumable_run(tmp_path, capsys, monkeypatch):
     args = ["--demo", "--model", "clip", "--image_path", str(data), "--out", str(tmp_path / "out"),
             "--cache_dir", str(tmp_path / "cache"), *FAST]
     calls = {"n": 0}
-    original = run_module.extract_batch
+    original = run_module.extract_mode_batch
 
     def interrupted(*a, **k):
         calls["n"] += 1
@@ -483,13 +483,13 @@ def test_interrupt_leaves_a_resumable_run(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return original(*a, **k)
 
-    monkeypatch.setattr(run_module, "extract_batch", interrupted)
+    monkeypatch.setattr(run_module, "extract_mode_batch", interrupted)
     code, _, err = cli(capsys, "orthonet", *args)
     assert code == 130 and "resume" in err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["status"] == "interrupted"
     written = list((tmp_path / "cache" / "features").rglob("*.npz"))
     assert written and all(read_checked_npz(p, p.stem) is not None for p in written)
-    monkeypatch.setattr(run_module, "extract_batch", original)
+    monkeypatch.setattr(run_module, "extract_mode_batch", original)
     code, out, err = cli(capsys, "orthonet", *args)
     assert code == 0, err
     assert _reused(out)[0] == len(written)

@@ -90,3 +90,21 @@ def test_a_probe_stopped_by_max_epochs_is_noted(state):
     train_probes(state)
     assert len(state.not_converged) == 2
     assert all("probe_max_epochs=1" in note and "not converged" in note for note in state.not_converged)
+
+
+def test_a_control_is_scored_exactly_like_ttr(state):
+    """A control whose features are ttr's gets ttr's probes and ttr's comparison with no-ttr, column
+    for column, except the probe refits, which apply to ttr only; its predictions file is written."""
+    for split in ("train", "val", "test"):
+        state.features[("ttr-mean", split)] = state.features[("ttr", split)]
+    state.modes = ("no-ttr", "ttr", "ttr-mean")
+    state.config["probe_refits"] = 1
+    probabilities = train_probes(state)
+    np.testing.assert_array_equal(probabilities["ttr-mean"], probabilities["ttr"])
+    assert set(state.refit_probabilities) == {"no-ttr", "ttr"}
+    metrics = score(state, probabilities).set_index("mode")
+    refit_columns = [c for c in metrics.columns if "refit" in c]
+    pd.testing.assert_series_equal(metrics.loc["ttr-mean"].drop(refit_columns), metrics.loc["ttr"].drop(refit_columns),
+                                   check_names=False)
+    assert metrics.loc["ttr-mean", "refits"] == 0 and metrics.loc["ttr", "refits"] == 1
+    assert (state.options.out / "predictions_ttr-mean.csv").is_file()
