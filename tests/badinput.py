@@ -372,10 +372,10 @@ def check_common(case: Case, ctx: Ctx, result: Result, before: dict, after: dict
 
 
 def lock_holder(folder: Path, name: str | None = None) -> subprocess.Popen:
-    """Another process holding the lock of ``folder`` (common.locks; the lock file ``name``, default
+    """Another process holding the lock of ``folder`` (common.runtime.locks; the lock file ``name``, default
     the usual one; it waits until killed, at most 10 min): the caller kills it."""
     named = f", name={name!r}" if name else ""
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from common.locks import FolderLock\n"
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from common.runtime.locks import FolderLock\n"
             f"with FolderLock({str(folder)!r}{named}):\n    print('locked', flush=True); time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout.readline().strip() == "locked"

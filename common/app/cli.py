@@ -85,7 +85,7 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
 def setup_logging(verbose: bool = False) -> None:
     # Libraries log at WARNING and above; this tool's own modules at INFO (DEBUG with --verbose);
     # under torchrun only rank 0 tells the story (the other ranks still warn).
-    from common.distributed import is_main_process
+    from common.runtime.distributed import is_main_process
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
@@ -116,7 +116,7 @@ def _default_out(spec: DatasetSpec, what: str) -> Path:
 def _check_data(spec: DatasetSpec, args: argparse.Namespace) -> int:
     from common.app.outdir import prepare_out
     from common.data.registry import check_data_report, load_dataset, write_splits
-    from common.locks import FolderLock
+    from common.runtime.locks import FolderLock
 
     if not args.image_path and not args.manifest:
         raise UserError("--check_data needs --image_path DIR (or --manifest FILE)")
@@ -191,7 +191,7 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
     if args.reference_probes and not Path(args.reference_probes).is_dir():
         raise UserError(f"--reference_probes {args.reference_probes}: not a folder; pass the course project's "
                         "Trained_Models/<dataset>_<model>/ folder (best_model_no_ttr.pth, best_model_ttr.pth)")
-    from common import distributed
+    from common.runtime import distributed
     from common.models.devices import resolve_device
 
     device = resolve_device(config["device"])
@@ -210,7 +210,7 @@ def _run(spec: DatasetSpec, args: argparse.Namespace, parser: argparse.ArgumentP
 
         options.weights = resolve_weights(args.model, config, options.weights)
     from common.app.run import execute
-    from common.locks import FolderLock
+    from common.runtime.locks import FolderLock
 
     with FolderLock(out) if main else contextlib.nullcontext():   # one process per --out (rank 0 holds it)
         execute(spec, options, config, device=device, planted=planted, ranking=ranking)

@@ -8,7 +8,7 @@ a non-empty folder without it is refused), and not a finished run of another dat
 (its results would be mixed with ours).  ``--check_data`` refuses any finished run's folder.
 
 While a run (or ``--check_data``, or a study) works in a folder it holds a
-:class:`common.locks.FolderLock` on it: a second process on the same folder stops at once naming
+:class:`common.runtime.locks.FolderLock` on it: a second process on the same folder stops at once naming
 the first one's host and pid.
 """
 

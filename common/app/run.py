@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from common import distributed
+from common.runtime import distributed
 from common.app.controls import analysis_setup, control_inputs, figure_modes, mode_run, run_modes
 from common.app.localize import localization_paths, write_localization
 from common.app.runstate import RunState, write_config

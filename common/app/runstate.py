@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common import distributed
+from common.runtime import distributed
 from common.app.settings import DatasetSpec, RunOptions
 from common.data.cache import Cache, library_versions
 from common.data.imagebank import ImageBank

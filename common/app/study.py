@@ -26,7 +26,7 @@ interrupted, 143 when terminated by SIGTERM (finished cells stay finished: run t
 again), 2 for bad study arguments or a study folder another study is using (one line naming the
 argument, before any run starts).
 
-Under torchrun every rank runs every cell inside one :func:`common.distributed.session` (the runs
+Under torchrun every rank runs every cell inside one :func:`common.runtime.distributed.session` (the runs
 shard their own work; rank 0 decides which cells to resume and tells the others); only rank 0
 writes ``study.json``, the cell logs and the report.
 
@@ -289,7 +289,7 @@ def run_grid(cells: list[Cell], dist, save: Callable[[], None], runner: Runner =
 def run_study(request: Request, runner: Runner = run_cell) -> int:
     """Plan, run the grid (or this shard's slice of it), write the report (not a shard); returns the
     exit code (0, 1 a cell failed, 130)."""
-    from common import distributed
+    from common.runtime import distributed
     from common.io import write_json
 
     all_cells, skipped = plan_grid(request)
@@ -350,7 +350,7 @@ def run_study(request: Request, runner: Runner = run_cell) -> int:
 def report_only(request: Request, cells: list[Cell], skipped: list[Skipped], grid: str) -> int:
     """``--report_only``: each cell's status from the state files (:mod:`common.app.shards`),
     ``study.json`` and the report from the cells found; 0 when every cell finished, else 1."""
-    from common.distributed import is_main_process
+    from common.runtime.distributed import is_main_process
     from common.io import write_json
     from common.reporting.studyreport import write_report
 
@@ -375,8 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
 
     def body() -> int:
-        from common import distributed
-        from common.locks import LOCK, FolderLock
+        from common.runtime import distributed
+        from common.runtime.locks import LOCK, FolderLock
 
         request = parse_args(argv)
         # one study per folder (rank 0 holds the lock; each cell's run locks its own folder too); the

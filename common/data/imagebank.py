@@ -30,7 +30,7 @@ import torch
 
 from common.data.cache import Cache
 from common.data.images import load_rgb
-from common.distributed import Dist
+from common.runtime.distributed import Dist
 
 log = logging.getLogger(__name__)
 

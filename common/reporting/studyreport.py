@@ -56,7 +56,7 @@ import pandas as pd
 
 from common.errors import UserError, run_entry
 from common.io import write_csv, write_text
-from common.locks import FolderLock
+from common.runtime.locks import FolderLock
 from common.reporting.figures import save_png
 from common.reporting.format import MISSING
 from common.reporting.study_figures import (

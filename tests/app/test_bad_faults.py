@@ -58,7 +58,7 @@ from badinput import (
 )
 from common.evaluation.compare import evaluate_modes
 from common.evaluation.metrics import MetricSpec
-from common.locks import LOCK
+from common.runtime.locks import LOCK
 
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

@@ -17,7 +17,7 @@ from common.app.stages import cached_stage, my_batches
 from common.app.runstate import RunState
 from common.app.settings import DatasetSpec, RunOptions
 from common.data.cache import Cache, cache_key
-from common.distributed import Dist
+from common.runtime.distributed import Dist
 
 
 @dataclass(frozen=True)

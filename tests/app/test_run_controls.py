@@ -25,7 +25,7 @@ from common.app.study import parse_args
 from common.data.cache import Cache
 from common.data.imagebank import ImageBank
 from common.demo.fixture import fixture_images, make_planted_model
-from common.distributed import Dist
+from common.runtime.distributed import Dist
 from common.errors import UserError
 from common.models.hooks import HookedViT
 from common.registers.controls import modes_of_run

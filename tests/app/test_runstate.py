@@ -11,7 +11,7 @@ import pandas as pd
 
 from common.app.runstate import RECORDED_LIBRARIES, RunState, write_config
 from common.app.settings import DatasetSpec, RunOptions, resolve_config
-from common.distributed import Dist
+from common.runtime.distributed import Dist
 
 
 def _state(tmp_path, dist=Dist()) -> RunState:

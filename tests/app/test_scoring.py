@@ -11,7 +11,7 @@ from common.app.runstate import RunState
 from common.app.scoring import probe_config, score, train_probes
 from common.app.settings import DatasetSpec, RunOptions, resolve_config
 from common.data.registry import Dataset
-from common.distributed import Dist
+from common.runtime.distributed import Dist
 from common.evaluation.probe import fit_probes
 from common.registers.features import FeatureSet
 

@@ -356,7 +356,7 @@ def test_the_shards_of_a_job_array_share_the_study_folder(tmp_path, monkeypatch,
     """A SLURM array runs its shards at once in one --out: each shard locks only its own slice, so a
     running shard 1 does not stop shard 2, while a second shard 1 is refused naming the first."""
     from badinput import lock_holder
-    from common.locks import LOCK
+    from common.runtime.locks import LOCK
 
     out = tmp_path / "study"
     seen = []

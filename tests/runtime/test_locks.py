@@ -1,4 +1,4 @@
-"""One process per folder (common.locks): the lock a run, --check_data, a study and the study
+"""One process per folder (common.runtime.locks): the lock a run, --check_data, a study and the study
 report take.  The other processes are real processes."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from badinput import ended_pid, lock_holder
 from common.errors import UserError
-from common.locks import LOCK, FolderLock
+from common.runtime.locks import LOCK, FolderLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_a_live_holder_in_another_process_is_named(tmp_path):
 def test_a_stale_lock_on_this_host_is_taken_over_with_a_warning(tmp_path, caplog):
     dead = ended_pid()
     _write_lock(tmp_path / "run", socket.gethostname(), dead)
-    with caplog.at_level(logging.WARNING, logger="common.locks"), FolderLock(tmp_path / "run"):
+    with caplog.at_level(logging.WARNING, logger="common.runtime.locks"), FolderLock(tmp_path / "run"):
         pass
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "taking over the lock" in warnings[0] and f"pid {dead}" in warnings[0]
@@ -82,7 +82,7 @@ def test_a_release_never_removes_a_lock_that_is_not_its_own(tmp_path):
 def test_of_many_processes_starting_at_once_exactly_one_holds_it(tmp_path):
     folder = tmp_path / "run"
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from common.locks import FolderLock\nfrom common.errors import UserError\n"
+            "from common.runtime.locks import FolderLock\nfrom common.errors import UserError\n"
             f"time.sleep(max(0.0, {time.time() + 2.0} - time.time()))\n"
             f"try:\n    lock = FolderLock({str(folder)!r}); lock.acquire()\n"
             "except UserError:\n    print('refused'); sys.exit(0)\n"
