@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import configs  # noqa: E402
-from benchmarks.throughput import random_register_neurons, synthetic_batches  # noqa: E402
+from benchmarks.throughput import random_register_neurons  # noqa: E402
+from benchmarks.timing import synthetic_batches  # noqa: E402
 from benchmarks.timing import log, machine_info, summarise  # noqa: E402
 from common.models.backbone import load_backbone  # noqa: E402
 from common.models.hooks import HookedViT  # noqa: E402

@@ -46,8 +46,6 @@ import argparse
 import gc
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,13 +60,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import configs  # noqa: E402
-from benchmarks.timing import log, machine_info, summarise  # noqa: E402
+from benchmarks.memory import measure_memory  # noqa: E402
+from benchmarks.reference import ranking_to_scores, reference_detection  # noqa: E402
+from benchmarks.timing import IMAGE_SEED, log, machine_info, summarise, synthetic_batches  # noqa: E402
 from common.data.cache import Cache, cache_key  # noqa: E402
 from common.data.imagebank import ImageBank  # noqa: E402
 from common.models.backbone import Backbone, load_backbone  # noqa: E402
 from common.models.hooks import HookedViT  # noqa: E402
 from common.registers.detection import (  # noqa: E402
-    NoOutliersError,
     collect_norms,
     detect_register_neurons,
     detection_batch_size,
@@ -77,7 +76,6 @@ from common.registers.features import FeatureSet, extract_features  # noqa: E402
 from common.registers.controls import mode_setup  # noqa: E402
 from common.registers.intervention import Intervention  # noqa: E402
 from common.registers.modes import MODES  # noqa: E402
-from common.registers.neurons import SPARSE_ACTIVATION, SPARSE_FRACTION  # noqa: E402
 
 TARGETS: dict[str, tuple[str, float]] = {
     "hooked_over_stock": ("<=", 1.02),
@@ -115,7 +113,6 @@ TIMED_RATIOS = {
 # Not a target: the stock forward timed twice in a row (A/A).  Its spread is the noise floor of
 # this machine at the moment of the run; a ratio within it of its target is not resolved.
 CONTROL_RATIO = {"stock_b_over_stock": ("stock_b", "stock")}
-IMAGE_SEED = 1234
 NEURON_SEED = 0
 PNG_SIZE = 96
 # Decoding in the main process: no worker start-up in the "first" side, which makes it shorter
@@ -125,19 +122,6 @@ FIRST_NUM_WORKERS = 0
 
 # --------------------------------------------------------------------------------------------
 # inputs
-
-
-def synthetic_image(index: int, size: int) -> torch.Tensor:
-    """Image ``index`` as a preprocessed-looking tensor ``[3, size, size]`` (seeded per index)."""
-    generator = torch.Generator().manual_seed(IMAGE_SEED + index)
-    return torch.randn(3, size, size, generator=generator)
-
-
-def synthetic_batches(count: int, batch: int, size: int, start: int = 0):
-    """Lazily generated batches ``[b, 3, size, size]`` of images ``start .. start+count-1``."""
-    for first in range(start, start + count, batch):
-        last = min(first + batch, start + count)
-        yield torch.stack([synthetic_image(i, size) for i in range(first, last)])
 
 
 def write_pngs(folder: Path, splits: tuple[int, int, int]) -> dict[str, list[str]]:
@@ -168,81 +152,6 @@ def random_register_neurons(backbone: Backbone, config: dict) -> dict[int, list[
 
 
 # --------------------------------------------------------------------------------------------
-# the reference repository's way (docs/performance.md), plain torch hooks and numpy
-
-
-@torch.no_grad()
-def reference_detection(backbone: Backbone, images: torch.Tensor, detect_index: int,
-                        threshold: float) -> tuple[np.ndarray, int]:
-    """Batch size 1, everything copied to host numpy, concatenated, scored layer by layer.
-
-    Returns (scores ``[L, D]``, counted images).
-    """
-    blocks = backbone.blocks
-    outputs: list[list[np.ndarray]] = [[] for _ in blocks]
-    activations: list[list[np.ndarray]] = [[] for _ in blocks]
-    attentions: list[list[np.ndarray]] = [[] for _ in blocks]
-    handles = []
-    fused: list[tuple[torch.nn.Module, bool]] = []
-    try:
-        for layer, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(
-                lambda module, args, output, layer=layer:
-                    outputs[layer].append(output.detach().cpu().numpy())))
-            handles.append(backbone.adapter.mlp_out(layer).register_forward_pre_hook(
-                lambda module, args, layer=layer:
-                    activations[layer].append(args[0].detach().cpu().numpy())))
-            if backbone.family == "clip":
-                def ask_weights(module, args, kwargs):
-                    return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
-
-                handles.append(block.attn.register_forward_pre_hook(ask_weights, with_kwargs=True))
-                handles.append(block.attn.register_forward_hook(
-                    lambda module, args, output, layer=layer:
-                        attentions[layer].append(output[1].detach().cpu().numpy())))
-            else:
-                # timm's explicit attention path: softmax(q k^T) goes through attn_drop.
-                fused.append((block.attn, block.attn.fused_attn))
-                block.attn.fused_attn = False
-                handles.append(block.attn.attn_drop.register_forward_hook(
-                    lambda module, args, output, layer=layer:
-                        attentions[layer].append(output.detach().cpu().numpy())))
-        for index in range(images.shape[0]):
-            backbone.model(images[index:index + 1].to(backbone.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, value in fused:
-            module.fused_attn = value
-    layer_outputs = [np.concatenate(parts) for parts in outputs]       # L x [n, N, d]
-    layer_acts = [np.concatenate(parts) for parts in activations]      # L x [n, N, D]
-    layer_attn = [np.concatenate(parts) for parts in attentions]       # L x [n, H, N, N]
-    assert layer_attn[0].ndim == 4
-
-    norms = np.linalg.norm(layer_outputs[detect_index], axis=-1)       # [n, N]
-    outliers = norms > threshold
-    counted = np.flatnonzero(outliers.any(axis=1))
-    n_tokens = norms.shape[1]
-    scores = np.zeros((len(blocks), layer_acts[0].shape[-1]), dtype=np.float64)
-    for layer in range(len(blocks)):
-        acts = layer_acts[layer]
-        for image in counted:
-            score = np.abs(acts[image][outliers[image]]).mean(axis=0)
-            sparse = (acts[image] < SPARSE_ACTIVATION).sum(axis=0) >= SPARSE_FRACTION * n_tokens
-            scores[layer] += score * sparse
-    if len(counted):
-        scores /= len(counted)
-    return scores, len(counted)
-
-
-def ranking_to_scores(ranked, layers: int, width: int) -> np.ndarray:
-    scores = np.zeros((layers, width))
-    for layer, neuron, score in ranked:
-        scores[layer, neuron] = score
-    return scores
-
-
-# --------------------------------------------------------------------------------------------
 # statistics
 
 
@@ -257,101 +166,6 @@ def timed(function: Callable[[], object]) -> tuple[float, float]:
     start, cpu = time.perf_counter(), time.process_time()
     function()
     return time.perf_counter() - start, time.process_time() - cpu
-
-
-# --------------------------------------------------------------------------------------------
-# memory: one fresh subprocess per measurement
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as stream:
-            for line in stream:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _release_free_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as stream:
-            stream.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def memory_child(spec: dict) -> dict:
-    """In a fresh interpreter: load the backbone once, then detection on N and 4N images,
-    interleaved (N, 4N, 4N, N, ...), each from a reset peak-RSS counter."""
-    config = dict(configs.MODEL_CONFIGS[spec["model"]])
-    backbone = load_backbone(spec["model"], config, random_init=True, seed=0)
-    hooked = HookedViT(backbone)
-    n, batch = spec["n"], spec["batch"]
-
-    def detect(count: int) -> tuple[int, int]:
-        batches = synthetic_batches(count, batch, backbone.input_size)  # generated lazily
-        try:
-            result = detect_register_neurons(hooked, batches, detect_layer=config["detect_outliers_layer"],
-                                             threshold=spec["threshold"])
-            return result.images_used, result.images_counted
-        except NoOutliersError as error:
-            return error.images, 0
-
-    runs = []
-    with torch.no_grad():
-        detect(batch)  # warm-up: one-time allocations (thread pools, kernels) are not measured
-        for pair in range(spec["pairs"]):
-            counts = (n, 4 * n) if pair % 2 == 0 else (4 * n, n)
-            for count in counts:
-                _release_free_memory()
-                rss_before = _status_kb("VmRSS")
-                reset = _reset_peak_rss()
-                used, counted = detect(count)
-                runs.append({"pair": pair, "images": count, "images_used": used, "images_counted": counted,
-                             "rss_before_kb": rss_before, "hwm_reset": reset,
-                             "peak_kb": _status_kb("VmHWM") if reset else None})
-    return {"runs": runs, "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-
-
-def measure_memory(model: str, batch: int, n: int, threshold: float, pairs: int) -> dict:
-    """Detection peak RSS on 4N vs N images, measured in one fresh subprocess."""
-    spec = {"model": model, "n": n, "batch": batch, "threshold": threshold, "pairs": pairs}
-    completed = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)],
-        capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"memory subprocess failed:\n{completed.stderr[-3000:]}")
-    child = json.loads(completed.stdout.strip().splitlines()[-1])
-    runs = child["runs"]
-    if not all(run["hwm_reset"] for run in runs):
-        raise RuntimeError("cannot reset the peak RSS through /proc/self/clear_refs on this system")
-    ratios = []
-    for pair in range(pairs):
-        peaks = {run["images"]: run["peak_kb"] for run in runs if run["pair"] == pair}
-        ratios.append(peaks[4 * n] / peaks[n])
-        log(f"  memory pair {pair + 1}/{pairs}: N={n} {peaks[n] / 1024:.0f} MiB, "
-            f"4N={4 * n} {peaks[4 * n] / 1024:.0f} MiB, ratio {ratios[-1]:.4f}")
-    method = ("peak RSS (VmHWM, /proc/self/status) of one fresh python subprocess that holds only the "
-              "model: before each detection run garbage is collected, freed heap is returned to the OS "
-              "(malloc_trim) and the peak is reset (/proc/self/clear_refs); N and 4N runs interleaved. "
-              "The peak includes the resident model weights and the interpreter.")
-    return {"ratios": ratios, "method": method, "n": n, "batch": batch, "runs": runs,
-            "child_ru_maxrss_kb": child["ru_maxrss_kb"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,11 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory_n", type=int, help="N of memory_4n_over_n")
     parser.add_argument("--memory_batch", type=int, help="detection batch size of the memory runs")
     parser.add_argument("--memory_pairs", type=int, help="interleaved (N, 4N) memory measurements (>= 5)")
-    parser.add_argument("--memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory_child:
-        print(json.dumps(memory_child(json.loads(args.memory_child))))
-        return 0
     models = ("clip", "dinov2") if args.model == "both" else (args.model,)
     results = {}
     for model in models:

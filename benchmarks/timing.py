@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: medians with their spread, the machine, progress lines."""
+"""Helpers shared by the benchmark scripts: synthetic inputs, medians with their spread, the machine,
+progress lines."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ import sys
 
 import numpy as np
 import torch
+
+
+IMAGE_SEED = 1234
+
+
+def synthetic_image(index: int, size: int) -> torch.Tensor:
+    """Image ``index`` as a preprocessed-looking tensor ``[3, size, size]`` (seeded per index)."""
+    generator = torch.Generator().manual_seed(IMAGE_SEED + index)
+    return torch.randn(3, size, size, generator=generator)
+
+
+def synthetic_batches(count: int, batch: int, size: int, start: int = 0):
+    """Lazily generated batches ``[b, 3, size, size]`` of images ``start .. start+count-1``."""
+    for first in range(start, start + count, batch):
+        last = min(first + batch, start + count)
+        yield torch.stack([synthetic_image(i, size) for i in range(first, last)])
 
 
 def log(message: str) -> None:
