@@ -64,9 +64,12 @@ def _entry_spec(script: str):
 
 SPECS = {name: _entry_spec(name) for name in ("pacemaker", "orthonet", "aptos")}
 
-# The demo runs' statistics and figures trimmed (one probe seed, fewer resamples and images).
+# `make demo` runs with the full defaults; the tests' runs trim the statistics and figures (one probe
+# seed, one probe grid member, one refit, fewer resamples, one figure image) so that the end-to-end
+# runs fit the suite's budget.  The probe grid and the statistics have their own tests.
 FAST = ["--set", "probe_seeds=(0,)", "--set", "bootstrap_resamples=200", "--set", "figure_images=1",
-        "--set", "analysis_images=16"]
+        "--set", "analysis_images=16", "--set", "probe_refits=1", "--set", "permutations=200",
+        "--set", "probe_lr_grid=(0.01,)", "--set", "probe_weight_decay_grid=(0.0001,)"]
 
 PACEMAKER_CLASSES = ("MDT - Adapta", "MDT - Advisa", "STJ - Assurity")
 

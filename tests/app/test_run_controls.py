@@ -16,6 +16,7 @@ import pandas as pd
 import PIL.Image
 import pytest
 
+from badinput import FAST
 from common.app.cli import main
 from common.app.controls import control_inputs, run_modes
 from common.app.grid import plan_grid
@@ -34,8 +35,6 @@ from common.registers.trained import trained_register_stats
 APTOS = DatasetSpec("aptos", "APTOS 2019", qwk=True)
 ROOT = Path(__file__).resolve().parents[2]
 # the end-to-end tests' trimmed statistics (tests/app/test_cli.py), one thread
-FAST = ["--set", "probe_seeds=(0,)", "--set", "bootstrap_resamples=200", "--set", "figure_images=1",
-        "--set", "analysis_images=16", "--set", "probe_refits=1", "--set", "permutations=200"]
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,10 @@ def test_last_error_line():
 # end to end (slow): a reduced demo study, interrupted and resumed
 
 
-DEMO_ARGS = ["--demo", "--data", "aptos", "orthonet", "--models", "clip"]
+# The demo study's grid, with the probe grid cut to one member and fewer resamples: the study's
+# tests are about cells, resuming and reports, not about the statistics inside a cell.
+DEMO_ARGS = ["--demo", "--data", "aptos", "orthonet", "--models", "clip", "--set", "probe_lr_grid=(0.01,)",
+             "probe_weight_decay_grid=(0.0001,)", "bootstrap_resamples=50", "permutations=50", "probe_refits=1"]
 
 
 @pytest.fixture(scope="module")
