@@ -114,8 +114,9 @@ def test_last_error_line():
 
 # The demo study's grid, with the probe grid cut to one member and fewer resamples: the study's
 # tests are about cells, resuming and reports, not about the statistics inside a cell.
-DEMO_ARGS = ["--demo", "--data", "aptos", "orthonet", "--models", "clip", "--set", "probe_lr_grid=(0.01,)",
-             "probe_weight_decay_grid=(0.0001,)", "bootstrap_resamples=50", "permutations=50", "probe_refits=1"]
+TRIM = ["--set", "probe_lr_grid=(0.01,)", "probe_weight_decay_grid=(0.0001,)", "bootstrap_resamples=50",
+        "permutations=50", "probe_refits=1"]
+DEMO_ARGS = ["--demo", "--data", "aptos", "orthonet", "--models", "clip", *TRIM]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def test_study_under_torchrun_with_two_ranks(tmp_path):
     out = tmp_path / "study"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
                "-m", "common.study", "--demo", "--data", "orthonet", "--models", "dinov2", "--axes",
-               "--out", str(out), "--cache_dir", str(tmp_path / "cache")]
+               "--out", str(out), "--cache_dir", str(tmp_path / "cache"), *TRIM]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -241,7 +242,7 @@ def test_failing_cell_is_reported_and_the_study_goes_on(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(study, "invoke", broken_data_for_the_first_cell)
         code = study.main(["--demo", "--data", "aptos", "--models", "clip", "--out", str(out),
-                           "--cache_dir", str(tmp_path / "cache")])
+                           "--cache_dir", str(tmp_path / "cache"), *TRIM])
     err = capsys.readouterr().err
     assert code == 1
     assert "cell 1/2 aptos_clip_normal_values-zero: FAILED (exit 2)" in err
@@ -289,8 +290,8 @@ def _comparable(report: Path) -> dict[str, object]:
 def test_sharded_study_reports_what_the_unsharded_study_reports(tmp_path, capsys):
     out, cache = tmp_path / "study", tmp_path / "cache"
     args = ["--demo", "--data", "orthonet", "--models", "dinov2", "--axes", "normal_values=zero,mean,same",
-            "--out", str(out), "--cache_dir", str(cache), "--set", "probe_max_epochs=100",
-            "probe_lr_grid=(0.01,)", "probe_weight_decay_grid=(0.0001,)", "bootstrap_resamples=50", "detect_images=20"]
+            "--out", str(out), "--cache_dir", str(cache), *TRIM, "probe_max_epochs=100",
+            "detect_images=20"]
     assert study.main(args) == 0, capsys.readouterr().err[-3000:]
     unsharded = _comparable(out / "report")
     record = json.loads((out / "study.json").read_text())
@@ -345,7 +346,7 @@ def test_sigterm_during_a_cell_stops_the_study_with_143(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(study, "invoke", terminated_in_the_first_cell)
         code = study.main(["--demo", "--data", "aptos", "--models", "clip", "--out", str(out),
-                           "--cache_dir", str(tmp_path / "cache")])
+                           "--cache_dir", str(tmp_path / "cache"), *TRIM])
     err = capsys.readouterr().err
     assert code == 143, err[-2000:]
     record = json.loads((out / "study.json").read_text())

@@ -192,17 +192,23 @@ def _last_cls_attention(pm, x_last: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=-1)
 
 
-def test_planted_outliers_are_attention_sinks(analysed):
-    """Without ttr the last layer's CLS attention piles onto the planted outlier patches; ttr moves
-    it onto the register (entropy over the patches rises, a large share lands on the register).
-    The analysis' numbers equal a recomputation from the weights."""
-    pm, analysis, pixels, normalise = analysed
+def _last_layer_inputs(pm, pixels, normalise) -> tuple[int, dict, dict]:
+    """The last layer's index and the cached inputs of the last block, no-ttr and ttr (planted neurons)."""
     hooked = HookedViT(pm.backbone)
     last = pm.backbone.num_layers - 1
     x = normalise(pixels)
     ttr_hooks = Intervention(_neurons(pm.planted)).fwd_hooks(hooked.token_layout(1))
     _, plain = hooked.run_with_cache(x, [resid_post(last - 1)])
     _, moved = hooked.run_with_cache(x, [resid_post(last - 1)], num_registers=1, fwd_hooks=ttr_hooks)
+    return last, plain, moved
+
+
+def test_planted_outliers_are_attention_sinks(analysed):
+    """Without ttr the last layer's CLS attention piles onto the planted outlier patches; ttr moves
+    it onto the register (entropy over the patches rises, a large share lands on the register).
+    The analysis' numbers equal a recomputation from the weights."""
+    pm, analysis, pixels, normalise = analysed
+    last, plain, moved = _last_layer_inputs(pm, pixels, normalise)
     grid = analysis.grid[0]
     border = _border_mask(grid).numpy()
     for mode, inputs, registers in (("no-ttr", plain, 0), ("ttr", moved, 1)):
@@ -229,12 +235,7 @@ def test_last_layer_maps_for_the_localization(analysed):
     """Per image the last layer's CLS attention on the image patches, head mean, renormalised to
     sum to 1 (what the localization scores): equal to a recomputation from the weights."""
     pm, analysis, pixels, normalise = analysed
-    hooked = HookedViT(pm.backbone)
-    last = pm.backbone.num_layers - 1
-    x = normalise(pixels)
-    ttr_hooks = Intervention(_neurons(pm.planted)).fwd_hooks(hooked.token_layout(1))
-    _, plain = hooked.run_with_cache(x, [resid_post(last - 1)])
-    _, moved = hooked.run_with_cache(x, [resid_post(last - 1)], num_registers=1, fwd_hooks=ttr_hooks)
+    last, plain, moved = _last_layer_inputs(pm, pixels, normalise)
     patches = analysis.grid[0] * analysis.grid[1]
     for mode, inputs in (("no-ttr", plain), ("ttr", moved)):
         attention = _last_cls_attention(pm, inputs[resid_post(last - 1)])[:, :, 1:1 + patches].mean(dim=1)
