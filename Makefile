@@ -34,6 +34,8 @@ bench: $(PY)
 	$(PY) benchmarks/scale.py --quick --json bench_scale.json
 	$(PY) benchmarks/probe.py --json bench_probe.json
 	$(PY) benchmarks/controls.py --json bench_controls.json
+	$(PY) benchmarks/localization.py --json bench_localization.json
+	$(PY) benchmarks/refits.py --json bench_refits.json
 
 clean-venv:
 	rm -rf $(VENV)
