@@ -344,6 +344,15 @@ def run_main(script: str, argv: list[str], capsys) -> Result:
     return Result(code, out, err, message, errors)
 
 
+def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 600,
+               launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python <script> args`` from the repository root, as a user runs it (optionally under a
+    launcher such as torchrun)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    command = (launcher or [sys.executable]) + [str(ROOT / script), *args]
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
 def run_subprocess(script: str, argv: list[str], tmp: Path) -> Result:
     """The entry script in a fresh interpreter with empty hub and torch caches: the only way to be
     sure no weights are cached (the hub library reads its cache location once, at import)."""

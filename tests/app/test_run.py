@@ -1,7 +1,7 @@
 """The run's cached-stage helper and batch sharding (common.app.stages).
 
 The whole run (cache reuse and invalidation, interrupt and resume, two gloo ranks against one
-process) is exercised end to end in tests/app/test_cli.py; here the helper on its own, on one
+process) is exercised end to end in tests/app/test_end_to_end.py; here the helper on its own, on one
 process and as rank 1 of 2 (a stand-in for the process group that records what it is asked)."""
 
 from __future__ import annotations

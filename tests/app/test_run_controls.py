@@ -34,7 +34,6 @@ from common.registers.trained import trained_register_stats
 
 APTOS = DatasetSpec("aptos", "APTOS 2019", qwk=True)
 ROOT = Path(__file__).resolve().parents[2]
-# the end-to-end tests' trimmed statistics (tests/app/test_cli.py), one thread
 
 
 @pytest.fixture(scope="module")

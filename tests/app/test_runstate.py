@@ -1,6 +1,6 @@
 """What the stages of a run hand each other and what config.json records of it
 (common.app.runstate); the complete record of a finished run is checked end to end in
-tests/app/test_cli.py."""
+tests/app/test_end_to_end.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The demo's own verdict on itself (common.demo.demo.demo_check): what a correct demo shows, and
 whether a run shows it, from the run's ranking and outliers.csv (tables made by hand here; the
-real demo runs are checked end to end in tests/app/test_cli.py)."""
+real demo runs are checked end to end in tests/app/test_end_to_end.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``summary.md``'s answer (the primary metric's verdict), the secondary lines and the results
 table (common/reporting/summary.py), from tables written by hand and from ``evaluate_modes``; the
-whole summary of a run is checked end to end in ``tests/app/test_cli.py``."""
+whole summary of a run is checked end to end in ``tests/app/test_end_to_end.py``."""
 
 from __future__ import annotations
 
