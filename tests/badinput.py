@@ -4,7 +4,8 @@ A case (:class:`Case`) builds its inputs in a private tmp folder (:class:`Ctx`),
 point's ``main`` in-process (:func:`run_main`: a dataset script, or ``report``, ``studyreport``,
 ``study``; or a dataset script in a fresh interpreter, :func:`run_subprocess`), optionally under a
 simulated fault of the machine (``Case.fault``, monkeypatched for the run only), and
-:func:`check_common` asserts, besides the case's own particulars:
+:func:`run_case` returns what of the following it did not hold (the test asserts that the list is
+empty), and runs the case's own particulars:
 
 * the exit code (2 for bad input or usage; 0 where skipping with a warning is right);
 * for exit 2: exactly one ``error:`` line, naming the file, value or flag at fault and saying
@@ -19,7 +20,8 @@ picks up fixtures imported into a test module), and run their list with::
 
     @pytest.mark.parametrize("case", params(CASES))
     def test_bad_input(case, tmp_path, trees, capsys):
-        run_case(case, tmp_path, trees, capsys)
+        problems = run_case(case, tmp_path, trees, capsys)
+        assert not problems, "\n".join(problems)
 
 Each case's id states the case and the behaviour a user would expect.  A case the code does not
 meet yet would be marked ``xfail`` (strict: the mark goes as soon as the code is fixed).
@@ -365,22 +367,28 @@ def run_subprocess(script: str, argv: list[str], tmp: Path) -> Result:
     return Result(done.returncode, done.stdout, done.stderr, message, errors)
 
 
-def check_common(case: Case, ctx: Ctx, result: Result, before: dict, after: dict) -> None:
+def common_problems(case: Case, ctx: Ctx, result: Result, before: dict, after: dict) -> list[str]:
+    """What every case must hold (module docstring) and this run did not: empty when all held.
+    Safety first, so that it leads the failure message whatever else went wrong."""
     shown = f"exit {result.code}\n--- stdout\n{result.out[-3000:]}\n--- stderr\n{result.err[-5000:]}"
-    # Safety first, so that a wording problem (an xfail) can never hide it.
-    assert not ctx.marker.exists(), "code inside a user's file was executed"
+    problems = []
+    if ctx.marker.exists():
+        problems.append("code inside a user's file was executed")
     allowed = case.exit if isinstance(case.exit, tuple) else (case.exit,)
-    assert result.code in allowed, shown
-    assert "Traceback" not in result.text, shown
-    assert before == after, "the user's input files were modified: " + ", ".join(
-        sorted(os.fsdecode(k) for k in set(before) | set(after) if before.get(k) != after.get(k))[:10])
-    if result.code == 2:
-        assert len(result.errors) == 1, f"expected exactly one error line\n{shown}"
-    for name in case.names:
-        assert name in result.message, f"message does not name {name!r}:\n{result.message[-3000:]}"
-    if case.advice is not None:
-        assert re.search(case.advice, result.message), \
-            f"message does not say what to do ({case.advice!r}):\n{result.message[-3000:]}"
+    if result.code not in allowed:
+        problems.append(f"expected exit {allowed}\n{shown}")
+    if "Traceback" in result.text:
+        problems.append(f"a traceback was printed\n{shown}")
+    if before != after:
+        problems.append("the user's input files were modified: " + ", ".join(
+            sorted(os.fsdecode(k) for k in set(before) | set(after) if before.get(k) != after.get(k))[:10]))
+    if result.code == 2 and len(result.errors) != 1:
+        problems.append(f"expected exactly one error line\n{shown}")
+    problems += [f"message does not name {name!r}:\n{result.message[-3000:]}"
+                 for name in case.names if name not in result.message]
+    if case.advice is not None and not re.search(case.advice, result.message):
+        problems.append(f"message does not say what to do ({case.advice!r}):\n{result.message[-3000:]}")
+    return problems
 
 
 def lock_holder(folder: Path, name: str | None = None) -> subprocess.Popen:
@@ -470,8 +478,9 @@ def params(cases: list[Case]) -> list:
     return [c.param() for c in cases]
 
 
-def run_case(case: Case, tmp_path: Path, trees: dict[str, Path], capsys) -> Result:
-    """Build the case's inputs, run it, and assert what every case must (see the module docstring)."""
+def run_case(case: Case, tmp_path: Path, trees: dict[str, Path], capsys) -> list[str]:
+    """Build the case's inputs and run it: what every case must hold and it did not (empty when all
+    held; the test asserts that), then, when all held, the case's own check."""
     ctx = Ctx(tmp_path, trees)
     argv = _with_defaults(case.build(ctx), ctx, case.script)
     before = snapshot(ctx.inp)
@@ -480,7 +489,7 @@ def run_case(case: Case, tmp_path: Path, trees: dict[str, Path], capsys) -> Resu
             case.fault(ctx, patch)
         result = run_subprocess(case.script, argv, tmp_path) if case.subprocess else run_main(case.script, argv, capsys)
     after = snapshot(ctx.inp)
-    check_common(case, ctx, result, before, after)
-    if case.check is not None:
-        case.check(ctx, result)
-    return result
+    problems = common_problems(case, ctx, result, before, after)
+    if not problems and case.check is not None:
+        case.check(ctx, result)          # the case's own particulars (they assert)
+    return problems

@@ -420,7 +420,8 @@ ALL_FAST_CASES = FLAG_CASES + SET_CASES + WEIGHTS_CASES + NEURON_CASES + OUT_CAS
 
 @pytest.mark.parametrize("case", params(ALL_FAST_CASES))
 def test_bad_input(case: Case, tmp_path, trees, capsys):
-    run_case(case, tmp_path, trees, capsys)
+    problems = run_case(case, tmp_path, trees, capsys)
+    assert not problems, "\n".join(problems)
 
 
 # ============================================================================================

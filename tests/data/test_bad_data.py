@@ -470,4 +470,5 @@ ALL_CASES = (UNUSED_CASES + SETTING_CASES + DUPLICATE_CASES + ENCODING_CASES + F
 
 @pytest.mark.parametrize("case", params(ALL_CASES))
 def test_bad_input(case: Case, tmp_path, trees, capsys):
-    run_case(case, tmp_path, trees, capsys)
+    problems = run_case(case, tmp_path, trees, capsys)
+    assert not problems, "\n".join(problems)

@@ -878,4 +878,5 @@ ALL_CASES = PACEMAKER_CASES + ORTHONET_CASES + APTOS_CASES + MANIFEST_CASES
 
 @pytest.mark.parametrize("case", params(ALL_CASES))
 def test_bad_input(case: Case, tmp_path, trees, capsys):
-    run_case(case, tmp_path, trees, capsys)
+    problems = run_case(case, tmp_path, trees, capsys)
+    assert not problems, "\n".join(problems)

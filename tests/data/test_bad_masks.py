@@ -79,4 +79,5 @@ MASK_CASES = [
 
 @pytest.mark.parametrize("case", params(MASK_CASES))
 def test_bad_masks(case: Case, tmp_path, trees, capsys):
-    run_case(case, tmp_path, trees, capsys)
+    problems = run_case(case, tmp_path, trees, capsys)
+    assert not problems, "\n".join(problems)
