@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,15 +79,28 @@ def test_a_release_never_removes_a_lock_that_is_not_its_own(tmp_path):
 
 
 def test_of_many_processes_starting_at_once_exactly_one_holds_it(tmp_path):
-    folder = tmp_path / "run"
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+    """Four processes, each released by the same file once all have imported, race for the lock;
+    the holder keeps it until every answer is in (files, not the clock, order the steps)."""
+    folder, go, release = tmp_path / "run", tmp_path / "go", tmp_path / "release"
+    code = (f"import pathlib, sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
             "from common.runtime.locks import FolderLock\nfrom common.errors import UserError\n"
-            f"time.sleep(max(0.0, {time.time() + 2.0} - time.time()))\n"
+            f"go, release = pathlib.Path({str(go)!r}), pathlib.Path({str(release)!r})\n"
+            "print('ready', flush=True)\n"
+            "while not go.exists():\n    time.sleep(0.01)\n"
             f"try:\n    lock = FolderLock({str(folder)!r}); lock.acquire()\n"
-            "except UserError:\n    print('refused'); sys.exit(0)\n"
-            "print('held', flush=True); time.sleep(5); lock.release()")
+            "except UserError:\n    print('refused', flush=True); sys.exit(0)\n"
+            "print('held', flush=True)\n"
+            "while not release.exists():\n    time.sleep(0.01)\n"
+            "lock.release()")
     processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
                  for _ in range(4)]
-    outputs = [p.communicate(timeout=120)[0].strip() for p in processes]
-    assert sorted(outputs) == ["held", "refused", "refused", "refused"], outputs
+    try:
+        assert [p.stdout.readline().strip() for p in processes] == ["ready"] * 4
+        go.touch()
+        answers = sorted(p.stdout.readline().strip() for p in processes)
+    finally:
+        release.touch()
+        codes = [p.wait(timeout=120) for p in processes]
+    assert answers == ["held", "refused", "refused", "refused"], answers
+    assert codes == [0] * 4
     assert not (folder / LOCK).exists()
